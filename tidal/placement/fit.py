@@ -1,0 +1,167 @@
+"""Placement without preemption: which nodes fit, which GPU set, and how good it is.
+
+Our score is fragmentation-aware: among the free GPU sets that satisfy the request we take the
+one whose removal destroys the least intact aligned capacity (weighted towards large domains),
+and rank nodes the same way, so small pods fill broken domains first and large aligned domains
+stay whole for the pods that need them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+
+from tidal.placement import status
+from tidal.placement.request import PodRequest, TopologyMode
+from tidal.placement.snapshot import ClusterSnapshot, NodeState
+from tidal.placement.status import Code, Rejection
+from tidal.topology import NodeShape, Tier
+
+MAX_SCORE = 10  # kube-scheduler extender scores run 0..10
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A pod on ``node`` on GPU set ``gpus`` (a mask), aligned at ``tier``."""
+
+    node: str
+    gpus: int
+    tier: Tier
+    shortfall: int
+    capacity_lost: int  # intact aligned capacity the placement breaks (lower is better)
+    quality: int
+
+    @property
+    def rank(self) -> tuple[int, int, int, str]:
+        return (self.shortfall, self.capacity_lost, -self.quality, self.node)
+
+
+@dataclass(frozen=True, slots=True)
+class FilterResult:
+    feasible: dict[str, Placement]
+    rejected: dict[str, Rejection]
+
+
+def filter_nodes(
+    snapshot: ClusterSnapshot, request: PodRequest, names: Iterable[str] | None = None
+) -> FilterResult:
+    """Split nodes into those where ``request`` fits now (with the GPU set it would get) and
+    those where it does not, with a code and a reason for each."""
+    feasible: dict[str, Placement] = {}
+    rejected: dict[str, Rejection] = {}
+    for name in snapshot.nodes if names is None else names:
+        state = snapshot.nodes.get(name)
+        if state is None:
+            rejected[name] = Rejection(Code.UNRESOLVABLE, "node is not in the scheduler's cache")
+            continue
+        outcome = fit_node(snapshot, state, request)
+        if isinstance(outcome, Placement):
+            feasible[name] = outcome
+        else:
+            rejected[name] = outcome
+    return FilterResult(feasible, rejected)
+
+
+def best_placement(snapshot: ClusterSnapshot, request: PodRequest) -> Placement | None:
+    """The best-ranked free placement in the cluster, or None."""
+    best: Placement | None = None
+    for state in snapshot.nodes.values():
+        outcome = fit_node(snapshot, state, request)
+        if isinstance(outcome, Placement) and (best is None or outcome.rank < best.rank):
+            best = outcome
+    return best
+
+
+def fit_node(snapshot: ClusterSnapshot, state: NodeState, request: PodRequest) -> Placement | Rejection:
+    static = static_rejection(state, request)
+    if static is not None:
+        return static
+    if request.cpu_milli > state.cpu_free():
+        return Rejection(
+            Code.UNSCHEDULABLE,
+            status.INSUFFICIENT_CPU.format(free=state.cpu_free(), need=request.cpu_milli),
+        )
+    if request.memory_mib > state.memory_free():
+        return Rejection(
+            Code.UNSCHEDULABLE,
+            status.INSUFFICIENT_MEMORY.format(free=state.memory_free(), need=request.memory_mib),
+        )
+    free = snapshot.free_gpus(state.name, request.uid)
+    shape = state.info.shape
+    chosen = choose_gpus(shape, free, request.gpus, request.mode, request.tier)
+    if chosen is None:
+        return Rejection(Code.UNSCHEDULABLE, _gpu_shortage(free, request))
+    return placement_of(state.name, shape, free, chosen, request)
+
+
+def static_rejection(state: NodeState, request: PodRequest) -> Rejection | None:
+    """Why ``request`` can never fit ``state``'s node, even if it were empty."""
+    shape = state.info.shape
+    if request.gpus > shape.gpu_count:
+        reason = status.TOO_FEW_GPUS_ON_NODE.format(have=shape.gpu_count, need=request.gpus)
+        return Rejection(Code.UNRESOLVABLE, reason)
+    if request.aligned_only and not shape.has_aligned(request.gpus, request.tier)[shape.full_mask]:
+        reason = status.NO_ALIGNED_DOMAIN.format(tier=request.tier.label, need=request.gpus)
+        return Rejection(Code.UNRESOLVABLE, reason)
+    if request.cpu_milli > state.info.cpu_milli or request.memory_mib > state.info.memory_mib:
+        return Rejection(Code.UNRESOLVABLE, "node's allocatable CPU or memory is below the request")
+    return None
+
+
+def _gpu_shortage(free: int, request: PodRequest) -> str:
+    count = free.bit_count()
+    if count < request.gpus:
+        return status.INSUFFICIENT_GPUS.format(free=count, need=request.gpus)
+    return status.NO_FREE_ALIGNED_SET.format(need=request.gpus, tier=request.tier.label, free=count)
+
+
+def placement_of(node: str, shape: NodeShape, free: int, gpus: int, request: PodRequest) -> Placement:
+    return Placement(
+        node=node,
+        gpus=gpus,
+        tier=shape.tier_of(gpus),
+        shortfall=0 if request.mode is TopologyMode.NONE else shape.shortfall(gpus, request.tier),
+        capacity_lost=shape.intact_value(free) - shape.intact_value(free & ~gpus),
+        quality=shape.quality[gpus],
+    )
+
+
+@lru_cache(maxsize=1 << 16)
+def choose_gpus(shape: NodeShape, free: int, size: int, mode: TopologyMode, tier: Tier) -> int | None:
+    """The best ``size``-GPU subset of ``free`` for the request, or None. Memoised: free masks
+    repeat across nodes of one shape."""
+    guaranteed = mode is TopologyMode.GUARANTEED
+    if guaranteed and not shape.has_aligned(size, tier)[free]:
+        return None
+    if free.bit_count() < size:
+        return None
+    candidates = shape.aligned_sets(size, tier) if guaranteed else shape.subsets(size)
+    keep = shape.intact_value
+    best: tuple[int, int, int, int, int] | None = None
+    for s in candidates:
+        if s & ~free:
+            continue
+        short = 0 if mode is TopologyMode.NONE else shape.shortfall(s, tier)
+        key = (short, -keep(free & ~s), -shape.quality[s], -shape.bottleneck[s], s)
+        if best is None or key < best:
+            best = key
+    return None if best is None else best[-1]
+
+
+def first_free_gpus(free: int, size: int) -> int | None:
+    """The ``size`` lowest-numbered free GPUs: what a topology-blind allocator hands out."""
+    chosen = 0
+    while free and chosen.bit_count() < size:
+        low = free & -free
+        chosen |= low
+        free ^= low
+    return chosen if chosen.bit_count() == size else None
+
+
+def score(placement: Placement, shape: NodeShape) -> int:
+    """0..10 for the extender's prioritize verb: a placement that breaks no intact capacity
+    and is aligned as asked scores 10."""
+    worst = max(1, shape.intact_value(shape.full_mask))
+    packed = MAX_SCORE * (worst - placement.capacity_lost) // worst
+    return max(0, packed - 3 * placement.shortfall)

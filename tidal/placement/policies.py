@@ -1,0 +1,345 @@
+"""Every placement policy behind one interface, so callers run them side by side.
+
+- ``tidal``: fragmentation-aware fit and the topology-first planner (ours).
+- ``b0-default``: Kubernetes default preemption: count-based victims with reprieve in priority
+  order, GPU ids chosen first-free at bind.
+- ``b1-anchor``: Koordinator DeviceShare-like: the same reprieve loop with a topology-aware
+  feasibility check, then the best aligned set of what was freed.
+- ``b2-subsets``: the seed paper's method: enumerate victim subsets per node (capped), keep the
+  feasible ones, rank by alignment of what they free.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from tidal.placement import status
+from tidal.placement.fit import (
+    Placement,
+    best_placement,
+    choose_gpus,
+    first_free_gpus,
+    placement_of,
+    static_rejection,
+)
+from tidal.placement.plan import NoPlan, Plan, PlanResult
+from tidal.placement.planner import TopologyFirstPlanner, plan_cost
+from tidal.placement.request import PodRequest, TopologyMode
+from tidal.placement.snapshot import ClusterSnapshot, NodeState, PodInfo
+from tidal.placement.status import Code
+from tidal.topology import NodeShape
+
+# Feasibility of a node state for the request: (free GPU mask, free CPU, free memory) -> fits.
+Fits = Callable[[int, int, int], bool]
+
+
+class Policy(Protocol):
+    name: str
+
+    def place(self, snapshot: ClusterSnapshot, request: PodRequest) -> Placement | None:
+        """A placement on free resources, or None."""
+        ...
+
+    def preempt(self, snapshot: ClusterSnapshot, request: PodRequest) -> PlanResult:
+        """A preemption plan for a request that does not fit free resources."""
+        ...
+
+
+class TidalPolicy:
+    name = "tidal"
+
+    def __init__(self, planner: TopologyFirstPlanner | None = None) -> None:
+        self.planner = planner or TopologyFirstPlanner()
+
+    def place(self, snapshot: ClusterSnapshot, request: PodRequest) -> Placement | None:
+        return best_placement(snapshot, request)
+
+    def preempt(self, snapshot: ClusterSnapshot, request: PodRequest) -> PlanResult:
+        return self.planner.plan_preemption(snapshot, request)
+
+
+@dataclass(frozen=True, slots=True)
+class _NodeVictims:
+    node: str
+    victims: tuple[PodInfo, ...]
+    pdb_violations: int
+
+    def k8s_rank(self) -> tuple[int, int, int, int, float, str]:
+        """kube-scheduler's pickOneNodeForPreemption order: fewest PDB violations, lowest
+        highest-victim priority, lowest priority sum, fewest victims, latest start of the
+        highest-priority victims, then the first node."""
+        top = max(p.priority for p in self.victims)
+        earliest_top = min(p.start_time for p in self.victims if p.priority == top)
+        return (
+            self.pdb_violations,
+            top,
+            sum(p.priority for p in self.victims),
+            len(self.victims),
+            -earliest_top,
+            self.node,
+        )
+
+
+class _ReprievePolicy:
+    """The kube-scheduler preemption skeleton; subclasses say what "fits" means and which GPUs
+    the pod gets."""
+
+    name = "reprieve"
+
+    def fits(self, shape: NodeShape, request: PodRequest) -> Fits:
+        raise NotImplementedError
+
+    def pick_gpus(self, shape: NodeShape, free: int, request: PodRequest) -> int | None:
+        raise NotImplementedError
+
+    def place(self, snapshot: ClusterSnapshot, request: PodRequest) -> Placement | None:
+        best: tuple[tuple[float, str], Placement] | None = None
+        for state in snapshot.nodes.values():
+            placement = self._place_on(snapshot, state, request)
+            if placement is None:
+                continue
+            rank = (_allocated_fraction(state), state.name)
+            if best is None or rank < best[0]:
+                best = (rank, placement)
+        return None if best is None else best[1]
+
+    def _place_on(self, snapshot: ClusterSnapshot, state: NodeState, request: PodRequest) -> Placement | None:
+        if static_rejection(state, request) is not None:
+            return None
+        shape = state.info.shape
+        free = snapshot.free_gpus(state.name, request.uid)
+        if not self.fits(shape, request)(free, state.cpu_free(), state.memory_free()):
+            return None
+        gpus = self.pick_gpus(shape, free, request)
+        return None if gpus is None else placement_of(state.name, shape, free, gpus, request)
+
+    def preempt(self, snapshot: ClusterSnapshot, request: PodRequest) -> PlanResult:
+        candidates = [
+            c for s in snapshot.nodes.values() if (c := self._select_victims(snapshot, request, s))
+        ]
+        if not candidates:
+            return NoPlan(self.name, status.NO_CANDIDATE.format(detail=status.PROTECTED))
+        chosen = min(candidates, key=_NodeVictims.k8s_rank)
+        return self._plan(snapshot, request, chosen, len(candidates))
+
+    def _plan(
+        self, snapshot: ClusterSnapshot, request: PodRequest, chosen: _NodeVictims, evaluated: int
+    ) -> PlanResult:
+        state = snapshot.nodes[chosen.node]
+        shape = state.info.shape
+        freed = snapshot.free_gpus(chosen.node, request.uid)
+        for pod in chosen.victims:
+            freed |= pod.gpus
+        gpus = self.pick_gpus(shape, freed, request)
+        if gpus is None:
+            return NoPlan(self.name, "freed GPUs do not hold the pod", Code.UNSCHEDULABLE, evaluated)
+        victims = tuple(sorted(p.uid for p in chosen.victims))
+        return Plan(
+            policy=self.name,
+            node=chosen.node,
+            gpus=gpus,
+            tier=shape.tier_of(gpus),
+            victims=victims,
+            cost=plan_cost(snapshot, request, chosen.node, gpus, victims),
+            nodes_evaluated=evaluated,
+        )
+
+    def _select_victims(
+        self, snapshot: ClusterSnapshot, request: PodRequest, state: NodeState
+    ) -> _NodeVictims | None:
+        """kube-scheduler's selectVictimsOnNode: remove every lower-priority pod; if the pod
+        then fits, add pods back (PDB-violating ones first, each group by priority, highest
+        first) while it still fits. The pods that could not come back are the victims."""
+        if static_rejection(state, request) is not None:
+            return None
+        fits = self.fits(state.info.shape, request)
+        potential = [p for p in state.pods if snapshot.evictable(p, request.uid, request.priority)]
+        free = snapshot.free_gpus(state.name, request.uid)
+        cpu, memory = state.cpu_free(), state.memory_free()
+        for pod in potential:
+            free, cpu, memory = free | pod.gpus, cpu + pod.cpu_milli, memory + pod.memory_mib
+        if not potential or not fits(free, cpu, memory):
+            return None
+        violating, respecting = _split_by_pdb(snapshot, _by_importance(potential))
+        victims: list[PodInfo] = []
+        violations = 0
+        for pod in violating + respecting:
+            trial = (free & ~pod.gpus, cpu - pod.cpu_milli, memory - pod.memory_mib)
+            if fits(*trial):
+                free, cpu, memory = trial
+            else:
+                victims.append(pod)
+                violations += pod in violating
+        if not victims:
+            return None  # fits without victims: not a preemption (kubernetes issue #139270)
+        return _NodeVictims(state.name, tuple(victims), violations)
+
+
+class KubernetesDefault(_ReprievePolicy):
+    """B0: count-based feasibility, first-free GPU ids."""
+
+    name = "b0-default"
+
+    def fits(self, shape: NodeShape, request: PodRequest) -> Fits:
+        def count_fits(free: int, cpu: int, memory: int) -> bool:
+            return (
+                free.bit_count() >= request.gpus
+                and cpu >= request.cpu_milli
+                and memory >= request.memory_mib
+            )
+
+        return count_fits
+
+    def pick_gpus(self, shape: NodeShape, free: int, request: PodRequest) -> int | None:
+        return first_free_gpus(free, request.gpus)
+
+
+class AnchorLike(_ReprievePolicy):
+    """B1: topology-aware feasibility inside the reprieve loop, priority-ordered victims."""
+
+    name = "b1-anchor"
+
+    def fits(self, shape: NodeShape, request: PodRequest) -> Fits:
+        def aligned_fits(free: int, cpu: int, memory: int) -> bool:
+            return (
+                cpu >= request.cpu_milli
+                and memory >= request.memory_mib
+                and _gpus_fit(shape, free, request)
+            )
+
+        return aligned_fits
+
+    def pick_gpus(self, shape: NodeShape, free: int, request: PodRequest) -> int | None:
+        return choose_gpus(shape, free, request.gpus, request.mode, request.tier)
+
+
+class SubsetEnumeration(AnchorLike):
+    """B2: the seed paper's exhaustive victim subsets per node, ranked by the alignment of the
+    freed GPUs. Exponential, so subsets are capped at ``max_victims`` pods drawn from the
+    ``max_candidates`` lowest-priority pods of a node; plans say when a cap cut the search."""
+
+    name = "b2-subsets"
+
+    def __init__(self, max_victims: int = 4, max_candidates: int = 16) -> None:
+        self.max_victims = max_victims
+        self.max_candidates = max_candidates
+
+    def preempt(self, snapshot: ClusterSnapshot, request: PodRequest) -> PlanResult:
+        best: tuple[tuple[float, ...], _NodeVictims] | None = None
+        capped = 0
+        for state in snapshot.nodes.values():
+            if static_rejection(state, request) is not None:
+                continue
+            found, was_capped = self._best_subset(snapshot, request, state)
+            capped += was_capped
+            if found is not None and (best is None or found[0] < best[0]):
+                best = found
+        if best is None:
+            return NoPlan(self.name, status.NO_CANDIDATE.format(detail=status.PROTECTED))
+        result = self._plan(snapshot, request, best[1], len(snapshot.nodes))
+        if capped and isinstance(result, Plan):
+            note = f"subset cap (<= {self.max_victims} of {self.max_candidates} pods) cut {capped} nodes"
+            return Plan(**{**_fields(result), "notes": (note,)})
+        return result
+
+    def _best_subset(
+        self, snapshot: ClusterSnapshot, request: PodRequest, state: NodeState
+    ) -> tuple[tuple[tuple[float, ...], _NodeVictims] | None, bool]:
+        shape = state.info.shape
+        fits = self.fits(shape, request)
+        potential = sorted(
+            (p for p in state.pods if snapshot.evictable(p, request.uid, request.priority)),
+            key=lambda p: (p.priority, -p.start_time, p.uid),
+        )
+        capped = len(potential) > self.max_candidates or len(potential) > self.max_victims
+        potential = potential[: self.max_candidates]
+        base = snapshot.free_gpus(state.name, request.uid)
+        best: tuple[tuple[float, ...], _NodeVictims] | None = None
+        for size in range(1, min(self.max_victims, len(potential)) + 1):
+            for subset in itertools.combinations(potential, size):
+                rank = self._rank(shape, request, state, base, subset, fits)
+                if rank is not None and (best is None or rank < best[0]):
+                    best = (rank, _NodeVictims(state.name, subset, 0))
+        return best, capped
+
+    def _rank(
+        self,
+        shape: NodeShape,
+        request: PodRequest,
+        state: NodeState,
+        base: int,
+        subset: Sequence[PodInfo],
+        fits: Fits,
+    ) -> tuple[float, ...] | None:
+        free = base
+        for pod in subset:
+            free |= pod.gpus
+        cpu = state.cpu_free() + sum(p.cpu_milli for p in subset)
+        memory = state.memory_free() + sum(p.memory_mib for p in subset)
+        if not fits(free, cpu, memory):
+            return None
+        gpus = choose_gpus(shape, free, request.gpus, TopologyMode.BEST_EFFORT, request.tier)
+        if gpus is None:
+            return None
+        alignment = shape.shortfall(gpus, request.tier)
+        return (alignment, -shape.quality[gpus], len(subset), sum(p.priority for p in subset), state.name)
+
+
+def _fields(plan: Plan) -> dict[str, object]:
+    return {name: getattr(plan, name) for name in Plan.__slots__}
+
+
+def _gpus_fit(shape: NodeShape, free: int, request: PodRequest) -> bool:
+    if request.mode is TopologyMode.GUARANTEED:
+        return bool(shape.has_aligned(request.gpus, request.tier)[free])
+    return free.bit_count() >= request.gpus
+
+
+def _by_importance(pods: Iterable[PodInfo]) -> list[PodInfo]:
+    """kube-scheduler's MoreImportantPod: higher priority first, then the earlier start."""
+    return sorted(pods, key=lambda p: (-p.priority, p.start_time, p.uid))
+
+
+def _split_by_pdb(
+    snapshot: ClusterSnapshot, pods: list[PodInfo]
+) -> tuple[list[PodInfo], list[PodInfo]]:
+    """Pods whose eviction would break their PDB (budget counted down in order) and the rest."""
+    budget = {name: pdb.disruptions_allowed for name, pdb in snapshot.pdbs.items()}
+    violating: list[PodInfo] = []
+    respecting: list[PodInfo] = []
+    for pod in pods:
+        if pod.pdb in budget:
+            budget[pod.pdb] -= 1
+            if budget[pod.pdb] < 0:
+                violating.append(pod)
+                continue
+        respecting.append(pod)
+    return violating, respecting
+
+
+def _allocated_fraction(state: NodeState) -> float:
+    shape = state.info.shape
+    parts = [state.used.bit_count() / shape.gpu_count]
+    if state.info.cpu_milli:
+        parts.append(state.cpu_used / state.info.cpu_milli)
+    if state.info.memory_mib:
+        parts.append(state.memory_used / state.info.memory_mib)
+    return sum(parts) / len(parts)
+
+
+POLICY_NAMES = ("tidal", "b0-default", "b1-anchor", "b2-subsets")
+
+
+def make_policy(name: str) -> Policy:
+    factories: dict[str, Callable[[], Policy]] = {
+        "tidal": TidalPolicy,
+        "b0-default": KubernetesDefault,
+        "b1-anchor": AnchorLike,
+        "b2-subsets": SubsetEnumeration,
+    }
+    if name not in factories:
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}")
+    return factories[name]()

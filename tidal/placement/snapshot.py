@@ -1,0 +1,295 @@
+"""The cluster snapshot the placement core reads: nodes, running pods, PDBs, reservations.
+
+Per-node derived state (:class:`NodeState`) is rebuilt only when that node's pods change, so the
+hot path reads precomputed masks and prefix tables (Koordinator habit: precompute when the world
+changes, not per request).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from tidal.topology import NodeShape, bits
+
+NON_PREEMPTIBLE = 2**62  # effective priority of a pod that may never be a victim
+
+
+@dataclass(frozen=True, slots=True)
+class PodInfo:
+    """A running (bound) pod as the scheduler sees it. ``gpus`` is a mask on its node."""
+
+    uid: str
+    name: str
+    node: str
+    gpus: int
+    priority: int
+    cpu_milli: int = 0
+    memory_mib: int = 0
+    preemptible: bool = True
+    pdb: str | None = None
+    gang: str | None = None
+    workload: str | None = None
+    start_time: float = 0.0
+    last_checkpoint: float | None = None
+
+    @property
+    def gpu_count(self) -> int:
+        return self.gpus.bit_count()
+
+    @property
+    def effective_priority(self) -> int:
+        return self.priority if self.preemptible else NON_PREEMPTIBLE
+
+    def lost_work(self, now: float) -> float:
+        """GPU-seconds of work lost if evicted now: GPUs × time since the last checkpoint."""
+        since = self.start_time if self.last_checkpoint is None else self.last_checkpoint
+        return self.gpu_count * max(0.0, now - since)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """A node: its compiled GPU shape, allocatable CPU and memory, labels and rack domain."""
+
+    name: str
+    shape: NodeShape
+    cpu_milli: int
+    memory_mib: int
+    nvlink_domain: str | None = None
+    rack: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PdbInfo:
+    """A PodDisruptionBudget reduced to what preemption needs: how many pods may still go."""
+
+    name: str
+    disruptions_allowed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A preemptor's claim: the GPUs it will take on ``node`` once ``victims`` are gone."""
+
+    preemptor: str
+    node: str
+    gpus: int
+    victims: frozenset[str]
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    """A node plus the derived facts about the pods on it."""
+
+    info: NodeInfo
+    pods: tuple[PodInfo, ...]  # by effective priority, highest first
+    used: int
+    cpu_used: int
+    memory_used: int
+    owner: tuple[int, ...]  # per GPU: index into pods, -1 when free
+    neg_priority: tuple[int, ...]  # -effective priority of pods, ascending (for bisect)
+    protected_prefix: tuple[int, ...]  # GPU mask of pods[:i]
+    cpu_prefix: tuple[int, ...]  # CPU of pods[:i]
+    memory_prefix: tuple[int, ...]
+
+    @staticmethod
+    def build(info: NodeInfo, pods: Iterable[PodInfo]) -> NodeState:
+        ordered = tuple(sorted(pods, key=lambda p: (-p.effective_priority, p.uid)))
+        owner = [-1] * info.shape.gpu_count
+        used = 0
+        for index, pod in enumerate(ordered):
+            used |= pod.gpus
+            for gpu in bits(pod.gpus):
+                owner[gpu] = index
+        return NodeState(
+            info=info,
+            pods=ordered,
+            used=used,
+            cpu_used=sum(p.cpu_milli for p in ordered),
+            memory_used=sum(p.memory_mib for p in ordered),
+            owner=tuple(owner),
+            neg_priority=tuple(-p.effective_priority for p in ordered),
+            protected_prefix=_prefix(ordered, lambda p: p.gpus, lambda a, b: a | b),
+            cpu_prefix=_prefix(ordered, lambda p: p.cpu_milli, lambda a, b: a + b),
+            memory_prefix=_prefix(ordered, lambda p: p.memory_mib, lambda a, b: a + b),
+        )
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def protected_count(self, priority: int) -> int:
+        """How many pods (a prefix of ``pods``) a preemptor of ``priority`` may not evict."""
+        return bisect.bisect_right(self.neg_priority, -priority)
+
+    def cpu_free(self) -> int:
+        return self.info.cpu_milli - self.cpu_used
+
+    def memory_free(self) -> int:
+        return self.info.memory_mib - self.memory_used
+
+
+def _prefix(pods: tuple[PodInfo, ...], value: object, combine: object) -> tuple[int, ...]:
+    out = [0]
+    for pod in pods:
+        out.append(combine(out[-1], value(pod)))  # type: ignore[operator]
+    return tuple(out)
+
+
+class ClusterSnapshot:
+    """Nodes, pods, PDBs and reservations at time ``now``.
+
+    Mutations (:meth:`add_pod`, :meth:`remove_pod`, :meth:`reserve`, ...) rebuild only the
+    touched node's state, so the simulator and the extender's cache can keep one snapshot live.
+    """
+
+    def __init__(
+        self,
+        nodes: Iterable[NodeInfo],
+        pods: Iterable[PodInfo] = (),
+        pdbs: Iterable[PdbInfo] = (),
+        reservations: Iterable[Reservation] = (),
+        now: float = 0.0,
+    ) -> None:
+        self.now = now
+        self.nodes: dict[str, NodeState] = {}
+        self.pods: dict[str, PodInfo] = {}
+        self.pdbs: dict[str, PdbInfo] = {p.name: p for p in pdbs}
+        self.reservations: dict[str, Reservation] = {}
+        self.gangs: dict[str, set[str]] = {}
+        self._blocked: dict[str, dict[str, int]] = {}
+        self._promised: dict[str, str] = {}
+        by_node: dict[str, list[PodInfo]] = {}
+        for pod in pods:
+            self._index_pod(pod)
+            by_node.setdefault(pod.node, []).append(pod)
+        for info in nodes:
+            self.nodes[info.name] = NodeState.build(info, by_node.pop(info.name, []))
+        if by_node:
+            raise ValueError(f"pods on unknown nodes: {sorted(by_node)}")
+        for reservation in reservations:
+            self.reserve(reservation)
+
+    def copy(self) -> ClusterSnapshot:
+        """A snapshot that can be changed without touching this one (node states are shared)."""
+        clone = ClusterSnapshot.__new__(ClusterSnapshot)
+        clone.now = self.now
+        clone.nodes = dict(self.nodes)
+        clone.pods = dict(self.pods)
+        clone.pdbs = dict(self.pdbs)
+        clone.reservations = dict(self.reservations)
+        clone.gangs = {g: set(m) for g, m in self.gangs.items()}
+        clone._blocked = {n: dict(b) for n, b in self._blocked.items()}
+        clone._promised = dict(self._promised)
+        return clone
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def blocked_for(self, node: str, preemptor: str | None) -> int:
+        """GPUs on ``node`` that ``preemptor`` may neither take nor free: those reserved for
+        other preemptors and those of pods already promised to them as victims."""
+        by_preemptor = self._blocked.get(node)
+        if not by_preemptor:
+            return 0
+        mask = 0
+        for owner, gpus in by_preemptor.items():
+            if owner != preemptor:
+                mask |= gpus
+        return mask
+
+    def promised_to(self, pod_uid: str) -> str | None:
+        """The preemptor a pod is already promised to as a victim, if any."""
+        return self._promised.get(pod_uid)
+
+    def evictable(self, pod: PodInfo, preemptor: str, priority: int) -> bool:
+        """Whether ``preemptor`` (of ``priority``) may evict ``pod``: lower priority,
+        preemptible, and not already promised to another preemptor."""
+        promised = self._promised.get(pod.uid)
+        return pod.effective_priority < priority and promised in (None, preemptor)
+
+    def gang_members(self, gang: str) -> set[str]:
+        return self.gangs.get(gang, set())
+
+    def free_gpus(self, node: str, preemptor: str | None = None) -> int:
+        state = self.nodes[node]
+        return state.info.shape.full_mask & ~state.used & ~self.blocked_for(node, preemptor)
+
+    # -- changes ---------------------------------------------------------------------------
+
+    def add_pod(self, pod: PodInfo) -> None:
+        state = self.nodes[pod.node]
+        if pod.gpus & state.used:
+            raise ValueError(f"pod {pod.name}: GPUs {bits(pod.gpus & state.used)} already in use")
+        if pod.gpus & ~state.info.shape.full_mask:
+            raise ValueError(f"pod {pod.name}: GPU index beyond node {pod.node}'s GPUs")
+        self._index_pod(pod)
+        self.nodes[pod.node] = NodeState.build(state.info, (*state.pods, pod))
+
+    def remove_pod(self, uid: str) -> PodInfo:
+        pod = self.pods.pop(uid)
+        if pod.gang:
+            self.gangs[pod.gang].discard(uid)
+        state = self.nodes[pod.node]
+        self.nodes[pod.node] = NodeState.build(state.info, (p for p in state.pods if p.uid != uid))
+        promised_to = self._promised.get(uid)
+        if promised_to is not None:
+            # its GPUs are free now; only the preemptor's reserved set stays blocked
+            self._blocked.pop(pod.node, None)
+            for other in self.reservations.values():
+                self._block(other, {pod.node})
+        return pod
+
+    def reserve(self, reservation: Reservation) -> None:
+        """Record a preemptor's plan: its GPUs and victims are off limits to everyone else."""
+        self.release(reservation.preemptor)
+        self.reservations[reservation.preemptor] = reservation
+        for victim in reservation.victims:
+            self._promised[victim] = reservation.preemptor
+        self._reindex_blocked(reservation)
+
+    def release(self, preemptor: str) -> Reservation | None:
+        reservation = self.reservations.pop(preemptor, None)
+        if reservation is None:
+            return None
+        for victim in reservation.victims:
+            if self._promised.get(victim) == preemptor:
+                del self._promised[victim]
+        self._reindex_blocked(reservation)
+        return reservation
+
+    def _reindex_blocked(self, reservation: Reservation) -> None:
+        nodes = {reservation.node}
+        nodes.update(self.pods[v].node for v in reservation.victims if v in self.pods)
+        for node in nodes:
+            self._blocked.pop(node, None)
+        for other in self.reservations.values():
+            self._block(other, nodes)
+
+    def _block(self, reservation: Reservation, nodes: set[str]) -> None:
+        def add(node: str, gpus: int) -> None:
+            if node in nodes and gpus:
+                by_preemptor = self._blocked.setdefault(node, {})
+                by_preemptor[reservation.preemptor] = by_preemptor.get(reservation.preemptor, 0) | gpus
+
+        add(reservation.node, reservation.gpus)
+        for victim in reservation.victims:
+            pod = self.pods.get(victim)
+            if pod is not None:
+                add(pod.node, pod.gpus)
+
+    def expire_reservations(self) -> list[Reservation]:
+        """Drop reservations whose expiry has passed; returns them."""
+        stale = [r for r in self.reservations.values() if r.expires_at <= self.now]
+        for reservation in stale:
+            self.release(reservation.preemptor)
+        return stale
+
+    def _index_pod(self, pod: PodInfo) -> None:
+        if pod.uid in self.pods:
+            raise ValueError(f"duplicate pod uid {pod.uid}")
+        self.pods[pod.uid] = pod
+        if pod.gang:
+            self.gangs.setdefault(pod.gang, set()).add(pod.uid)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,8 @@ sockets:
         cpu_cores: 32
         host_bridges: [{id: 1, switches: [{id: 1, gpus: [4, 5, 6, 7]}]}]
 nvlink:
-  links: [[0,1,2],[0,2,2],[0,3,2],[1,2,2],[1,3,2],[2,3,2],[4,5,2],[4,6,2],[4,7,2],[5,6,2],[5,7,2],[6,7,2]]
+  links: [[0, 1, 2], [0, 2, 2], [0, 3, 2], [1, 2, 2], [1, 3, 2], [2, 3, 2],
+          [4, 5, 2], [4, 6, 2], [4, 7, 2], [5, 6, 2], [5, 7, 2], [6, 7, 2]]
 """
 
 
@@ -50,7 +52,9 @@ def _two_quads() -> NodeShape:
     return _cache["two-quads"]
 
 
-def node(name: str, preset: str, cpu: int = 96_000, memory: int = 1_000_000, domain: str | None = None) -> NodeInfo:
+def node(
+    name: str, preset: str, cpu: int = 96_000, memory: int = 1_000_000, domain: str | None = None
+) -> NodeInfo:
     return NodeInfo(name, shape(preset), cpu, memory, nvlink_domain=domain)
 
 
@@ -60,10 +64,17 @@ def pod(
     gpus: Iterable[int],
     priority: int = 0,
     start: float = 0.0,
-    **extra: object,
+    **extra: Any,
 ) -> PodInfo:
-    return PodInfo(uid=uid, name=uid, node=node_name, gpus=mask_of(gpus), priority=priority,
-                   start_time=start, **extra)  # type: ignore[arg-type]
+    return PodInfo(
+        uid=uid,
+        name=uid,
+        node=node_name,
+        gpus=mask_of(gpus),
+        priority=priority,
+        start_time=start,
+        **extra,
+    )
 
 
 def snapshot(

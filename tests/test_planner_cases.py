@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import node, pod, snapshot
 from tidal.placement import (
     AnchorLike,
+    ClusterSnapshot,
     Code,
     CostOrder,
     GangRequest,
@@ -22,7 +24,6 @@ from tidal.placement import (
     plan_gang,
 )
 from tidal.topology import Tier, bits, mask_of
-from tests.conftest import node, pod, snapshot
 
 ONLINE = 1000
 BATCH = 10
@@ -34,7 +35,7 @@ def _plan(result: object) -> Plan:
     return result
 
 
-def two_cliques_half_busy() -> object:
+def two_cliques_half_busy() -> ClusterSnapshot:
     # Cliques {0,1,2,3} and {4,5,6,7}. Batch pods: a on 0-1, b on 4-5 (2 GPUs each), c on 2,
     # d on 6 (1 GPU each); GPUs 3 and 7 are free. Two GPUs free by count, four needed.
     return snapshot(
@@ -78,7 +79,9 @@ def test_pdb_violation_outranks_victim_priority() -> None:
     ours = _plan(TopologyFirstPlanner().plan(snap, GUARANTEED_4))
     assert ours.victims == ("y",) and ours.cost.pdb_violations == 0
     # With one disruption allowed, x is fine to evict and its lower priority wins.
-    allowed = snapshot(list(n.info for n in snap.nodes.values()), snap.pods.values(), [PdbInfo("x-pdb", 1)])
+    allowed = snapshot(
+        list(n.info for n in snap.nodes.values()), snap.pods.values(), [PdbInfo("x-pdb", 1)]
+    )
     assert _plan(TopologyFirstPlanner().plan(allowed, GUARANTEED_4)).victims == ("x",)
 
 
@@ -86,8 +89,12 @@ def test_topology_only_conflict_enough_free_none_aligned() -> None:
     # GPUs 2,3 and 6,7 are free (four by count), but each clique has two busy GPUs.
     snap = snapshot(
         [node("n1", "two-quads")],
-        [pod("a", "n1", [0], BATCH, start=900), pod("b", "n1", [1], BATCH, start=800),
-         pod("c", "n1", [4], BATCH, start=500), pod("d", "n1", [5], BATCH, start=600)],
+        [
+            pod("a", "n1", [0], BATCH, start=900),
+            pod("b", "n1", [1], BATCH, start=800),
+            pod("c", "n1", [4], BATCH, start=500),
+            pod("d", "n1", [5], BATCH, start=600),
+        ],
     )
     verdict = filter_nodes(snap, GUARANTEED_4)
     assert not verdict.feasible
@@ -105,8 +112,11 @@ def test_two_preemptors_contend_for_one_node() -> None:
     # n1 has a free NVLink clique's worth of batch pods in each quad; n2 is full of online pods.
     snap = snapshot(
         [node("n1", "two-quads"), node("n2", "two-quads")],
-        [pod("a", "n1", [0, 1, 2, 3], BATCH, start=10), pod("b", "n1", [4, 5, 6, 7], BATCH, start=20),
-         pod("on", "n2", range(8), ONLINE)],
+        [
+            pod("a", "n1", [0, 1, 2, 3], BATCH, start=10),
+            pod("b", "n1", [4, 5, 6, 7], BATCH, start=20),
+            pod("on", "n2", range(8), ONLINE),
+        ],
     )
     planner = TopologyFirstPlanner()
     first = _plan(planner.plan(snap, GUARANTEED_4))
@@ -143,7 +153,9 @@ def test_cube_mesh_prefers_the_fat_link() -> None:
 
 
 def test_best_effort_never_preempts_when_a_free_placement_exists() -> None:
-    snap = snapshot([node("n1", "two-quads")], [pod("a", "n1", [0, 1], BATCH), pod("b", "n1", [4, 5], BATCH)])
+    snap = snapshot(
+        [node("n1", "two-quads")], [pod("a", "n1", [0, 1], BATCH), pod("b", "n1", [4, 5], BATCH)]
+    )
     request = PodRequest("r", "r", 4, ONLINE, mode=TopologyMode.BEST_EFFORT)
     result = TopologyFirstPlanner().plan(snap, request)
     assert isinstance(result, NoPlan) and result.code is Code.SUCCESS
@@ -155,8 +167,12 @@ def test_best_effort_accepts_shortfall_when_no_clique_can_be_freed() -> None:
     # level, a shortfall of four tier steps from nvlink.
     snap = snapshot(
         [node("n1", "two-quads")],
-        [pod("on1", "n1", [0], ONLINE), pod("on2", "n1", [4], ONLINE),
-         pod("a", "n1", [1, 2, 3], BATCH), pod("b", "n1", [5, 6, 7], BATCH)],
+        [
+            pod("on1", "n1", [0], ONLINE),
+            pod("on2", "n1", [4], ONLINE),
+            pod("a", "n1", [1, 2, 3], BATCH),
+            pod("b", "n1", [5, 6, 7], BATCH),
+        ],
     )
     assert isinstance(TopologyFirstPlanner().plan(snap, GUARANTEED_4), NoPlan)
     soft = PodRequest("r", "r", 4, ONLINE + 1, mode=TopologyMode.BEST_EFFORT)
@@ -170,9 +186,11 @@ def test_cpu_shortage_adds_the_cheapest_cpu_only_victim() -> None:
     # Neither CPU-only pod loses GPU work; the one that started last is the cheaper extra.
     snap = snapshot(
         [node("n1", "two-quads", cpu=20_000)],
-        [pod("g", "n1", [0, 1, 2, 3], BATCH, cpu_milli=1000),
-         pod("cpu-a", "n1", [], BATCH, cpu_milli=8000, start=0),
-         pod("cpu-b", "n1", [], BATCH, cpu_milli=8000, start=900)],
+        [
+            pod("g", "n1", [0, 1, 2, 3], BATCH, cpu_milli=1000),
+            pod("cpu-a", "n1", [], BATCH, cpu_milli=8000, start=0),
+            pod("cpu-b", "n1", [], BATCH, cpu_milli=8000, start=900),
+        ],
     )
     request = PodRequest("r", "r", 4, ONLINE, cpu_milli=4000, mode=TopologyMode.GUARANTEED)
     plan = _plan(TopologyFirstPlanner().plan(snap, request))
@@ -183,8 +201,11 @@ def test_cost_order_is_configurable() -> None:
     # {0..3}: one 4-GPU pod that ran long (lost 4*1000). {4..7}: two pods that just started.
     snap = snapshot(
         [node("n1", "two-quads")],
-        [pod("long", "n1", [0, 1, 2, 3], BATCH, start=0),
-         pod("n1a", "n1", [4, 5], BATCH, start=990), pod("n1b", "n1", [6, 7], BATCH, start=990)],
+        [
+            pod("long", "n1", [0, 1, 2, 3], BATCH, start=0),
+            pod("n1a", "n1", [4, 5], BATCH, start=990),
+            pod("n1b", "n1", [6, 7], BATCH, start=990),
+        ],
     )
     default = _plan(TopologyFirstPlanner().plan(snap, GUARANTEED_4))
     assert default.victims == ("n1a", "n1b")  # lost work (40) before the pod count
@@ -212,7 +233,9 @@ def test_gang_in_an_nvl72_domain() -> None:
     pods = [pod("r1-batch", "r1t2", range(4), BATCH)]
     pods += [pod(f"r2-batch{t}", f"r2t{t}", range(4), BATCH) for t in range(3)]
     snap = snapshot(nodes, pods)
-    members = tuple(PodRequest(f"m{i}", f"m{i}", 4, ONLINE, mode=TopologyMode.GUARANTEED) for i in range(3))
+    members = tuple(
+        PodRequest(f"m{i}", f"m{i}", 4, ONLINE, mode=TopologyMode.GUARANTEED) for i in range(3)
+    )
     plan = plan_gang(snap, GangRequest("tp12", members))
     assert not isinstance(plan, NoPlan)
     assert plan.domain == "r1" and plan.victims == ("r1-batch",)
@@ -224,10 +247,12 @@ def test_gang_victims_are_evicted_whole() -> None:
     # the planner prefers the lone pod with more lost work over breaking the gang.
     snap = snapshot(
         [node("n1", "two-quads"), node("n2", "two-quads")],
-        [pod("g1", "n1", [0, 1, 2, 3], BATCH, start=900, gang="job"),
-         pod("g2", "n2", [0, 1, 2, 3], BATCH, start=900, gang="job"),
-         pod("solo", "n1", [4, 5, 6, 7], BATCH, start=700),
-         pod("on", "n2", [4, 5, 6, 7], ONLINE)],
+        [
+            pod("g1", "n1", [0, 1, 2, 3], BATCH, start=900, gang="job"),
+            pod("g2", "n2", [0, 1, 2, 3], BATCH, start=900, gang="job"),
+            pod("solo", "n1", [4, 5, 6, 7], BATCH, start=700),
+            pod("on", "n2", [4, 5, 6, 7], ONLINE),
+        ],
     )
     plan = _plan(TopologyFirstPlanner().plan(snap, GUARANTEED_4))
     # gang: 2 pods, 8 GPUs x 100 s = 800; solo: 4 GPUs x 300 s = 1200 -> lost work favours the

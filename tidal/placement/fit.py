@@ -73,7 +73,9 @@ def best_placement(snapshot: ClusterSnapshot, request: PodRequest) -> Placement 
     return best
 
 
-def fit_node(snapshot: ClusterSnapshot, state: NodeState, request: PodRequest) -> Placement | Rejection:
+def fit_node(
+    snapshot: ClusterSnapshot, state: NodeState, request: PodRequest
+) -> Placement | Rejection:
     static = static_rejection(state, request)
     if static is not None:
         return static
@@ -116,7 +118,9 @@ def _gpu_shortage(free: int, request: PodRequest) -> str:
     return status.NO_FREE_ALIGNED_SET.format(need=request.gpus, tier=request.tier.label, free=count)
 
 
-def placement_of(node: str, shape: NodeShape, free: int, gpus: int, request: PodRequest) -> Placement:
+def placement_of(
+    node: str, shape: NodeShape, free: int, gpus: int, request: PodRequest
+) -> Placement:
     return Placement(
         node=node,
         gpus=gpus,
@@ -128,7 +132,9 @@ def placement_of(node: str, shape: NodeShape, free: int, gpus: int, request: Pod
 
 
 @lru_cache(maxsize=1 << 16)
-def choose_gpus(shape: NodeShape, free: int, size: int, mode: TopologyMode, tier: Tier) -> int | None:
+def choose_gpus(
+    shape: NodeShape, free: int, size: int, mode: TopologyMode, tier: Tier
+) -> int | None:
     """The best ``size``-GPU subset of ``free`` for the request, or None. Memoised: free masks
     repeat across nodes of one shape."""
     guaranteed = mode is TopologyMode.GUARANTEED

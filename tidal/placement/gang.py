@@ -51,11 +51,11 @@ def plan_gang(
     planner = planner or TopologyFirstPlanner()
     ranked = _rank_domains(snapshot, gang)
     if not ranked:
-        reason = status.NO_CANDIDATE.format(detail="no NVLink domain has enough free or preemptible GPUs")
+        reason = status.NO_CANDIDATE.format(
+            detail="no NVLink domain has enough free or preemptible GPUs"
+        )
         return NoPlan(planner.name, reason, Code.UNSCHEDULABLE)
-    plans = [
-        p for d in ranked[:max_domains] if (p := _plan_in_domain(snapshot, gang, d, planner))
-    ]
+    plans = [p for d in ranked[:max_domains] if (p := _plan_in_domain(snapshot, gang, d, planner))]
     if not plans:
         reason = status.NO_CANDIDATE.format(detail=f"tried domains {ranked[:max_domains]}")
         return NoPlan(planner.name, reason, Code.UNSCHEDULABLE, len(ranked))
@@ -99,7 +99,9 @@ def _plan_in_domain(
     return GangPlan(domain, tuple(assignments), tuple(sorted(victims)), _combine(costs))
 
 
-def _free_placement(work: ClusterSnapshot, member: PodRequest, nodes: Iterable[str]) -> Placement | None:
+def _free_placement(
+    work: ClusterSnapshot, member: PodRequest, nodes: Iterable[str]
+) -> Placement | None:
     feasible = filter_nodes(work, member, nodes).feasible
     return min(feasible.values(), key=lambda p: p.rank, default=None)
 

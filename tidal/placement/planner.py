@@ -137,7 +137,9 @@ class TopologyFirstPlanner:
 
     # -- screening: O(1) per node from the node's prefix tables -----------------------------
 
-    def _screen(self, snapshot: ClusterSnapshot, request: PodRequest, name: str) -> _Screened | None:
+    def _screen(
+        self, snapshot: ClusterSnapshot, request: PodRequest, name: str
+    ) -> _Screened | None:
         state = snapshot.nodes.get(name)
         if state is None or static_rejection(state, request) is not None:
             return None
@@ -281,6 +283,7 @@ def _add_resource_extras(
     snapshot: ClusterSnapshot, request: PodRequest, state: NodeState, pods: dict[str, PodInfo]
 ) -> bool:
     """Evict the cheapest extra pods of this node until the request's CPU and memory fit."""
+
     def short() -> tuple[int, int]:
         on_node = [p for p in pods.values() if p.node == state.name]
         cpu = request.cpu_milli - state.cpu_free() - sum(p.cpu_milli for p in on_node)
@@ -291,7 +294,13 @@ def _add_resource_extras(
     if cpu <= 0 and memory <= 0:
         return True
     extras = sorted(
-        (p for p in state.pods if p.uid not in pods and not p.gang and snapshot.evictable(p, request.uid, request.priority)),
+        (
+            p
+            for p in state.pods
+            if p.uid not in pods
+            and not p.gang
+            and snapshot.evictable(p, request.uid, request.priority)
+        ),
         key=lambda p: (p.priority, p.lost_work(snapshot.now), -p.start_time, p.uid),
     )
     for pod in extras:
@@ -308,9 +317,7 @@ def _summarise(snapshot: ClusterSnapshot, state: NodeState, pods: dict[str, PodI
     for pod in pods.values():
         if pod.pdb:
             per_pdb[pod.pdb] = per_pdb.get(pod.pdb, 0) + 1
-    violations = sum(
-        max(0, count - _allowed(snapshot, name)) for name, count in per_pdb.items()
-    )
+    violations = sum(max(0, count - _allowed(snapshot, name)) for name, count in per_pdb.items())
     node_mask = 0
     for pod in pods.values():
         if pod.node == state.name:
@@ -347,7 +354,9 @@ def plan_cost(
     return Cost(
         pdb_violations=facts.pdb_violations,
         max_victim_priority=facts.max_priority,
-        topology_shortfall=0 if request.mode is TopologyMode.NONE else shape.shortfall(gpus, request.tier),
+        topology_shortfall=0
+        if request.mode is TopologyMode.NONE
+        else shape.shortfall(gpus, request.tier),
         lost_work=facts.lost_work,
         victim_pods=facts.pods,
         victim_workloads=facts.workloads,

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -106,7 +107,9 @@ class _ReprievePolicy:
                 best = (rank, placement)
         return None if best is None else best[1]
 
-    def _place_on(self, snapshot: ClusterSnapshot, state: NodeState, request: PodRequest) -> Placement | None:
+    def _place_on(
+        self, snapshot: ClusterSnapshot, state: NodeState, request: PodRequest
+    ) -> Placement | None:
         if static_rejection(state, request) is not None:
             return None
         shape = state.info.shape
@@ -135,7 +138,9 @@ class _ReprievePolicy:
             freed |= pod.gpus
         gpus = self.pick_gpus(shape, freed, request)
         if gpus is None:
-            return NoPlan(self.name, "freed GPUs do not hold the pod", Code.UNSCHEDULABLE, evaluated)
+            return NoPlan(
+                self.name, "freed GPUs do not hold the pod", Code.UNSCHEDULABLE, evaluated
+            )
         victims = tuple(sorted(p.uid for p in chosen.victims))
         return Plan(
             policy=self.name,
@@ -241,8 +246,8 @@ class SubsetEnumeration(AnchorLike):
             return NoPlan(self.name, status.NO_CANDIDATE.format(detail=status.PROTECTED))
         result = self._plan(snapshot, request, best[1], len(snapshot.nodes))
         if capped and isinstance(result, Plan):
-            note = f"subset cap (<= {self.max_victims} of {self.max_candidates} pods) cut {capped} nodes"
-            return Plan(**{**_fields(result), "notes": (note,)})
+            cap = f"<= {self.max_victims} of {self.max_candidates} pods"
+            return dataclasses.replace(result, notes=(f"subset cap ({cap}) cut {capped} nodes",))
         return result
 
     def _best_subset(
@@ -285,11 +290,7 @@ class SubsetEnumeration(AnchorLike):
         if gpus is None:
             return None
         alignment = shape.shortfall(gpus, request.tier)
-        return (alignment, -shape.quality[gpus], len(subset), sum(p.priority for p in subset), state.name)
-
-
-def _fields(plan: Plan) -> dict[str, object]:
-    return {name: getattr(plan, name) for name in Plan.__slots__}
+        return (alignment, -shape.quality[gpus], len(subset), sum(p.priority for p in subset))
 
 
 def _gpus_fit(shape: NodeShape, free: int, request: PodRequest) -> bool:

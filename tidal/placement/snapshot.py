@@ -272,7 +272,9 @@ class ClusterSnapshot:
         def add(node: str, gpus: int) -> None:
             if node in nodes and gpus:
                 by_preemptor = self._blocked.setdefault(node, {})
-                by_preemptor[reservation.preemptor] = by_preemptor.get(reservation.preemptor, 0) | gpus
+                by_preemptor[reservation.preemptor] = (
+                    by_preemptor.get(reservation.preemptor, 0) | gpus
+                )
 
         add(reservation.node, reservation.gpus)
         for victim in reservation.victims:

@@ -130,9 +130,7 @@ class NodeTopology:
 
     def members(self, container: Vertex) -> frozenset[int]:
         """GPU indices inside ``container``."""
-        return frozenset(
-            int(v[1]) for v in nx.descendants(self.tree(), container) if v[0] == "gpu"
-        )
+        return frozenset(int(v[1]) for v in nx.descendants(self.tree(), container) if v[0] == "gpu")
 
     def tree(self) -> nx.DiGraph:
         """The containment tree, directed from the root down."""
@@ -168,13 +166,13 @@ class NodeTopology:
 
     def cpu_cores(self) -> dict[int, int]:
         """CPU cores per NUMA node id."""
-        return {
-            int(v[1]): int(self.graph.nodes[v]["cpu_cores"]) for v in self.containers("numa")
-        }
+        return {int(v[1]): int(self.graph.nodes[v]["cpu_cores"]) for v in self.containers("numa")}
 
     def nics(self) -> dict[str, frozenset[int]]:
         """Each NIC with the GPUs under its nearest PCIe switch or host bridge."""
-        return {str(v[1]): self.members(self.graph.nodes[v]["parent"]) for v in self.containers("nic")}
+        return {
+            str(v[1]): self.members(self.graph.nodes[v]["parent"]) for v in self.containers("nic")
+        }
 
 
 def build_topology(spec: Mapping[str, Any], source: str) -> NodeTopology:
@@ -207,7 +205,9 @@ class _SpecReader:
     def fail(self, field: str, problem: str) -> TopologyError:
         return TopologyError(f"{self.source}: field {field!r}: {problem}")
 
-    def mapping(self, spec: Mapping[str, Any], key: str, path: str | None = None) -> Mapping[str, Any]:
+    def mapping(
+        self, spec: Mapping[str, Any], key: str, path: str | None = None
+    ) -> Mapping[str, Any]:
         value = spec.get(key) if isinstance(spec, Mapping) else None
         if not isinstance(value, Mapping):
             raise self.fail(path or key, f"expected a mapping, got {type(value).__name__}")
@@ -278,7 +278,9 @@ def _check_gpu_indices(graph: nx.Graph, reader: _SpecReader) -> None:
     if indices != list(range(len(indices))):
         raise reader.fail("sockets", f"GPU indices must be 0..{len(indices) - 1}, got {indices}")
     if len(indices) > MAX_GPUS_PER_NODE:
-        raise reader.fail("sockets", f"at most {MAX_GPUS_PER_NODE} GPUs per node, got {len(indices)}")
+        raise reader.fail(
+            "sockets", f"at most {MAX_GPUS_PER_NODE} GPUs per node, got {len(indices)}"
+        )
 
 
 def _add_nvlink(graph: nx.Graph, spec: Any, reader: _SpecReader) -> None:
@@ -302,7 +304,9 @@ def _nvlink_pairs(
         return
     for i, link in enumerate(reader.items(spec, "links", "nvlink.links")):
         field = f"nvlink.links[{i}]"
-        if not (isinstance(link, list) and len(link) == 3 and all(isinstance(x, int) for x in link)):
+        if not (
+            isinstance(link, list) and len(link) == 3 and all(isinstance(x, int) for x in link)
+        ):
             raise reader.fail(field, f"expected [gpu_a, gpu_b, lanes], got {link!r}")
         a, b, lanes = link
         if not (0 <= a < gpu_count and 0 <= b < gpu_count and a != b and lanes > 0):

@@ -165,9 +165,6 @@ def _union(masks: Iterable[int]) -> int:
     return out
 
 
-
-
-
 def _aligned_tier_table(domains: Mapping[Tier, tuple[int, ...]], n: int) -> list[int]:
     """For every mask, a bitfield of the tiers at which it lies inside one domain."""
     table = [0] * (1 << n)

@@ -1,0 +1,174 @@
+"""Property tests on random snapshots: safety invariants for every policy, and optimality of
+our planner against brute force over all victim subsets on small instances."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import node
+from tidal.placement import (
+    POLICY_NAMES,
+    ClusterSnapshot,
+    NoPlan,
+    PdbInfo,
+    Plan,
+    PodInfo,
+    PodRequest,
+    TopologyFirstPlanner,
+    TopologyMode,
+    best_placement,
+    make_policy,
+)
+from tidal.placement.cost import CostTuple
+from tidal.topology import NODE_TIERS, Tier, bits, mask_of
+
+SHAPES = ["two-quads", "dgx1-v100", "pcie-8x-l40s", "a100-pcie-nvlink-pairs", "dgx-h100"]
+PRIORITIES = [0, 10, 10, 100, 100, 1000, 5000]
+PREEMPTOR_PRIORITY = 1000
+
+
+@st.composite
+def clusters(draw: st.DrawFn, max_nodes: int = 2) -> ClusterSnapshot:
+    names = [f"n{i}" for i in range(draw(st.integers(1, max_nodes)))]
+    nodes = [node(n, draw(st.sampled_from(SHAPES))) for n in names]
+    pods: list[PodInfo] = []
+    for info in nodes:
+        free = list(range(info.shape.gpu_count))
+        for k in range(draw(st.integers(1, 8))):
+            if not free:
+                break
+            size = min(draw(st.sampled_from([1, 1, 2, 4])), len(free))
+            taken = draw(st.permutations(free))[:size]
+            free = [g for g in free if g not in taken]
+            pods.append(
+                PodInfo(
+                    uid=f"{info.name}-p{k}",
+                    name=f"{info.name}-p{k}",
+                    node=info.name,
+                    gpus=mask_of(taken),
+                    priority=draw(st.sampled_from(PRIORITIES)),
+                    preemptible=draw(st.booleans()) or draw(st.booleans()),
+                    pdb=draw(st.sampled_from([None, None, "pdb-a", "pdb-b"])),
+                    workload=draw(st.sampled_from([None, "job-1", "job-2"])),
+                    start_time=draw(st.integers(0, 900)),
+                    last_checkpoint=draw(st.sampled_from([None, 950.0])),
+                )
+            )
+    pdbs = [PdbInfo("pdb-a", draw(st.integers(0, 1))), PdbInfo("pdb-b", draw(st.integers(0, 2)))]
+    return ClusterSnapshot(nodes, pods, pdbs, now=1000.0)
+
+
+requests = st.builds(
+    lambda g, mode, tier: PodRequest(
+        "pre", "preemptor", g, PREEMPTOR_PRIORITY, mode=mode, tier=tier
+    ),
+    st.sampled_from([1, 2, 2, 4, 4, 8]),
+    st.sampled_from(list(TopologyMode)),
+    st.sampled_from(NODE_TIERS),
+)
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(clusters(), requests)
+def test_every_policy_plans_safely(snap: ClusterSnapshot, request: PodRequest) -> None:
+    for name in POLICY_NAMES:
+        result = make_policy(name).preempt(snap, request)
+        if isinstance(result, NoPlan):
+            continue
+        victims = [snap.pods[v] for v in result.victims]
+        # no priority inversion, no non-preemptible victim
+        assert all(v.priority < request.priority and v.preemptible for v in victims), name
+        # the plan's set is free once the victims are gone: applying it allocates no GPU twice
+        after = snap.copy()
+        for uid in result.victims:
+            after.remove_pod(uid)
+        after.add_pod(PodInfo("pre", "pre", result.node, result.gpus, request.priority))
+        assert result.gpus.bit_count() == request.gpus
+        if name == "tidal" and request.mode is TopologyMode.GUARANTEED:
+            assert snap.nodes[result.node].info.shape.is_aligned(result.gpus, request.tier)
+
+
+@SETTINGS
+@given(clusters(), requests)
+def test_our_victims_are_exactly_the_pods_on_the_target_set(
+    snap: ClusterSnapshot, request: PodRequest
+) -> None:
+    result = TopologyFirstPlanner().plan(snap, request)
+    if not isinstance(result, Plan):
+        return
+    on_target = {p.uid for p in snap.nodes[result.node].pods if p.gpus & result.gpus}
+    assert set(result.victims) == on_target  # no CPU/memory requests here, so no extras
+
+
+@SETTINGS
+@given(clusters(), requests)
+def test_planner_cost_equals_brute_force(snap: ClusterSnapshot, request: PodRequest) -> None:
+    result = TopologyFirstPlanner(deadline_s=60).plan(snap, request)
+    expected = _brute_force(snap, request)
+    if best_placement(snap, request) is not None:
+        assert isinstance(result, NoPlan)
+        return
+    if expected is None:
+        assert isinstance(result, NoPlan)
+        return
+    assert isinstance(result, Plan)
+    event("planned")
+    assert tuple(result.cost.as_dict().values()) == expected  # optimality gap 0
+
+
+def _brute_force(snap: ClusterSnapshot, request: PodRequest) -> CostTuple | None:
+    """Every subset of evictable pods on every node, every GPU set in what it frees."""
+    best: CostTuple | None = None
+    for state in snap.nodes.values():
+        shape = state.info.shape
+        if request.gpus > shape.gpu_count:
+            continue
+        evictable = [p for p in state.pods if p.preemptible and p.priority < request.priority]
+        free = shape.full_mask & ~state.used
+        for size in range(1, len(evictable) + 1):
+            for victims in itertools.combinations(evictable, size):
+                freed = free
+                for v in victims:
+                    freed |= v.gpus
+                for target in itertools.combinations(bits(freed), request.gpus):
+                    cost = _cost(snap, request, state, free, victims, mask_of(target))
+                    if cost is not None and (best is None or cost < best):
+                        best = cost
+    return best
+
+
+def _cost(snap, request, state, free, victims, target) -> CostTuple | None:  # type: ignore[no-untyped-def]
+    shape = state.info.shape
+    if request.mode is TopologyMode.GUARANTEED and not shape.is_aligned(target, request.tier):
+        return None
+    per_pdb: dict[str, int] = {}
+    for v in victims:
+        if v.pdb:
+            per_pdb[v.pdb] = per_pdb.get(v.pdb, 0) + 1
+    violations = sum(max(0, n - snap.pdbs[name].disruptions_allowed) for name, n in per_pdb.items())
+    freed = 0
+    for v in victims:
+        freed |= v.gpus
+    shortfall = 0 if request.mode is TopologyMode.NONE else shape.shortfall(target, request.tier)
+    return (
+        violations,
+        max(v.priority for v in victims),
+        shortfall,
+        sum(v.lost_work(snap.now) for v in victims),
+        len(victims),
+        len({v.workload or v.uid for v in victims}),
+        sum(v.gpu_count for v in victims) - (target & state.used).bit_count(),
+        -shape.intact_value((free | freed) & ~target),
+        -shape.quality[target],
+        -shape.bottleneck[target],
+    )
+
+
+def test_tier_enum_round_trips() -> None:
+    for tier in Tier:
+        assert Tier.parse(tier.label) is tier

@@ -1,0 +1,221 @@
+"""``tidal``: one command line for every component."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from tidal.placement import (
+    POLICY_NAMES,
+    ClusterSnapshot,
+    NodeInfo,
+    PdbInfo,
+    Plan,
+    PodInfo,
+    PodRequest,
+    TopologyMode,
+    make_policy,
+)
+from tidal.topology import (
+    NODE_TIERS,
+    Tier,
+    TopologyError,
+    bits,
+    compile_shape,
+    load_preset,
+    preset_names,
+)
+
+app = typer.Typer(
+    help="tidal: topology-aware placement and preemption of LLM workloads on GPU clusters.",
+    no_args_is_help=True,
+)
+topo_app = typer.Typer(help="Inspect GPU topology presets.", no_args_is_help=True)
+app.add_typer(topo_app, name="topo")
+console = Console()
+
+
+@topo_app.command("list")
+def topo_list() -> None:
+    """List the bundled topology presets."""
+    table = Table("preset", "GPUs", "GPU model", "description")
+    for name in preset_names():
+        topology = load_preset(name)
+        table.add_row(name, str(topology.gpu_count), topology.gpu_model, topology.description)
+    console.print(table)
+
+
+@topo_app.command("show")
+def topo_show(
+    preset: Annotated[str, typer.Argument(help="Preset name, see `tidal topo list`.")],
+) -> None:
+    """Print a preset's GPU link matrix (as `nvidia-smi topo -m` does) and its domains per tier."""
+    try:
+        topology = load_preset(preset)
+    except TopologyError as err:
+        raise typer.BadParameter(str(err), param_hint="PRESET") from err
+    shape = compile_shape(topology)
+    console.print(f"[bold]{topology.name}[/bold]: {topology.description}")
+    console.print(_link_matrix(topology, shape))
+    console.print(_domain_table(shape))
+    if topology.rack_domain:
+        domain = topology.rack_domain
+        console.print(
+            f"rack NVLink domain: {domain.name}, {domain.nodes} nodes x {shape.gpu_count} GPUs"
+        )
+    console.print(
+        "Legend: X self · NV# NVLink lanes · PIX one PCIe switch · PXB several switches · "
+        "PHB host bridge · NODE across host bridges in a NUMA node · SYS across NUMA nodes"
+    )
+
+
+def _link_matrix(topology: Any, shape: Any) -> Table:
+    numa = topology.cpu_cores()
+    table = Table(
+        "",
+        *(f"GPU{g}" for g in range(shape.gpu_count)),
+        "NUMA",
+        "CPU cores",
+        title="GPU link matrix",
+    )
+    for gpu in range(shape.gpu_count):
+        node = shape.gpu_numa[gpu]
+        table.add_row(f"GPU{gpu}", *shape.link_names[gpu], str(node), str(numa[node]))
+    return table
+
+
+def _domain_table(shape: Any) -> Table:
+    table = Table("tier", "domains (GPU indices)", title="Alignment domains")
+    for tier in NODE_TIERS:
+        groups = ["{" + ",".join(map(str, bits(d))) + "}" for d in shape.domains[tier]]
+        table.add_row(tier.label, " ".join(groups))
+    return table
+
+
+@app.command("plan")
+def plan(
+    scenario: Annotated[Path, typer.Argument(help="YAML file: nodes, pods, pdbs, request.")],
+    policy: Annotated[
+        list[str] | None, typer.Option(help="Policies to compare (default: all).")
+    ] = None,
+) -> None:
+    """Plan one preemption with every policy side by side and show what each would evict."""
+    snapshot, request = _load_plan_scenario(scenario)
+    table = Table(
+        "policy",
+        "node",
+        "GPUs",
+        "tier",
+        "victims",
+        "lost GPU·s",
+        "waste",
+        "PDB viol.",
+        "time ms",
+        title=f"Preempting for {request.name}: {request.gpus} GPUs, "
+        f"{request.mode.value} {request.tier.label}",
+    )
+    for name in policy or POLICY_NAMES:
+        chosen = _policy_or_exit(name)
+        started = time.perf_counter()
+        placed = chosen.place(snapshot, request)
+        result = chosen.preempt(snapshot, request) if placed is None else None
+        elapsed = f"{(time.perf_counter() - started) * 1000:.2f}"
+        if placed is not None:
+            table.add_row(
+                name,
+                placed.node,
+                str(bits(placed.gpus)),
+                placed.tier.label,
+                "(fits free)",
+                "0",
+                "0",
+                "0",
+                elapsed,
+            )
+        elif isinstance(result, Plan):
+            table.add_row(
+                name,
+                result.node,
+                str(result.gpu_list),
+                result.tier.label,
+                ", ".join(result.victims),
+                f"{result.cost.lost_work:.0f}",
+                str(result.cost.waste_gpus),
+                str(result.cost.pdb_violations),
+                elapsed,
+            )
+        else:
+            table.add_row(name, "-", "-", "-", result.reason if result else "", "", "", "", elapsed)
+    console.print(table)
+
+
+def _policy_or_exit(name: str) -> Any:
+    try:
+        return make_policy(name)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--policy") from err
+
+
+def _load_plan_scenario(path: Path) -> tuple[ClusterSnapshot, PodRequest]:
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise typer.BadParameter(f"{path}: {err}", param_hint="SCENARIO") from err
+    try:
+        return _scenario(spec)
+    except (KeyError, TypeError, ValueError, TopologyError) as err:
+        raise typer.BadParameter(f"{path}: {err}", param_hint="SCENARIO") from err
+
+
+def _scenario(spec: dict[str, Any]) -> tuple[ClusterSnapshot, PodRequest]:
+    if not isinstance(spec, dict):
+        raise ValueError("expected a mapping with nodes, pods, pdbs and request")
+    nodes = [
+        NodeInfo(
+            n["name"],
+            compile_shape(load_preset(n["preset"])),
+            int(n.get("cpu_milli", 64_000)),
+            int(n.get("memory_mib", 512_000)),
+            nvlink_domain=n.get("nvlink_domain"),
+        )
+        for n in spec["nodes"]
+    ]
+    pods = [
+        PodInfo(
+            uid=p["name"],
+            name=p["name"],
+            node=p["node"],
+            gpus=sum(1 << g for g in p["gpus"]),
+            priority=int(p.get("priority", 0)),
+            cpu_milli=int(p.get("cpu_milli", 0)),
+            memory_mib=int(p.get("memory_mib", 0)),
+            preemptible=bool(p.get("preemptible", True)),
+            pdb=p.get("pdb"),
+            gang=p.get("gang"),
+            start_time=float(p.get("start", 0)),
+        )
+        for p in spec.get("pods", [])
+    ]
+    pdbs = [PdbInfo(b["name"], int(b["disruptions_allowed"])) for b in spec.get("pdbs", [])]
+    r = spec["request"]
+    request = PodRequest(
+        uid=r["name"],
+        name=r["name"],
+        gpus=int(r["gpus"]),
+        priority=int(r["priority"]),
+        cpu_milli=int(r.get("cpu_milli", 0)),
+        memory_mib=int(r.get("memory_mib", 0)),
+        mode=TopologyMode(r.get("mode", "best-effort")),
+        tier=Tier.parse(r.get("tier", "nvlink")),
+    )
+    return ClusterSnapshot(nodes, pods, pdbs, now=float(spec.get("now", 0))), request
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -12,15 +12,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from tidal.placement import status
 from tidal.placement.cost import DEFAULT_ORDER, NO_VICTIM_PRIORITY, Cost, CostOrder, CostTuple
-from tidal.placement.fit import best_placement, static_rejection
+from tidal.placement.fit import best_placement
 from tidal.placement.plan import NoPlan, Plan, PlanResult
 from tidal.placement.request import PodRequest, TopologyMode
 from tidal.placement.snapshot import ClusterSnapshot, NodeState, PodInfo
 from tidal.placement.status import Code
-from tidal.topology import NodeShape, bits
+from tidal.topology import NodeShape, Tier, bits
 
 Clock = Callable[[], float]
 
@@ -37,6 +38,53 @@ class _Victims:
     gpus_freed: int  # on every node (a gang may span nodes)
     node_mask: int  # GPUs freed on the planned node
     uids: tuple[str, ...]
+
+
+_Found = tuple[tuple[float, ...], str, int, "_Victims", CostTuple]
+_MISSING: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _ShapeFacts:
+    """Per (shape, request) tables, computed once per planning call."""
+
+    holds: bytearray  # over GPU masks: the mask contains a set the request may take
+    most_free: list[int]  # over free masks: most free GPUs inside one candidate set
+    candidates: tuple[int, ...]
+
+    @staticmethod
+    def build(shape: NodeShape, request: PodRequest) -> _ShapeFacts | None:
+        if request.gpus > shape.gpu_count:
+            return None
+        tier = request.tier if request.aligned_only else Tier.NODE
+        holds = shape.has_aligned(request.gpus, tier)
+        if not holds[shape.full_mask]:
+            return None
+        return _ShapeFacts(
+            holds, shape.most_free_in_aligned(request.gpus, tier), _candidate_sets(shape, request)
+        )
+
+
+def _lower_bound(
+    snapshot: ClusterSnapshot,
+    state: NodeState,
+    fact: _ShapeFacts,
+    keep: int,
+    avail: int,
+    busy_needed: int,
+) -> CostTuple:
+    """A cost no plan on this node can undercut, component by component: any target set must
+    free ``busy_needed`` busy GPUs, each held by a pod of at least the lowest evictable
+    priority, losing at least the work of the ``busy_needed`` youngest busy GPUs."""
+    shape = state.info.shape
+    best_quality = -shape.quality[fact.candidates[0]]
+    intact = -shape.intact_value(avail)
+    if busy_needed <= 0:
+        return (0, NO_VICTIM_PRIORITY, 0, 0.0, 0, 0, 0, intact, best_quality, -(2**62))
+    youngest = state.latest_saved_per_gpu(keep)[:busy_needed]
+    min_lost = sum(max(0.0, snapshot.now - saved) for saved in youngest)
+    min_priority = state.min_priority_suffix[keep]
+    return (0, min_priority, 0, min_lost, 1, 1, 0, intact, best_quality, -(2**62))
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +129,10 @@ class TopologyFirstPlanner:
         """Like :meth:`plan` without first looking for a free placement."""
         started = self.clock()
         names = snapshot.nodes.keys() if nodes is None else nodes
-        screened = [s for n in names if (s := self._screen(snapshot, request, n)) is not None]
+        facts: dict[NodeShape, _ShapeFacts | None] = {}
+        screened = [
+            s for n in names if (s := self._screen(snapshot, request, facts, n)) is not None
+        ]
         if not screened:
             detail = "every node lacks GPUs, CPU or memory held by lower-priority preemptible pods"
             return NoPlan(self.name, status.NO_CANDIDATE.format(detail=detail), Code.UNRESOLVABLE)
@@ -95,7 +146,7 @@ class TopologyFirstPlanner:
         screened: list[_Screened],
         started: float,
     ) -> PlanResult:
-        best: tuple[tuple[float, ...], str, int, _Victims, CostTuple] | None = None
+        best: _Found | None = None
         evaluated = 0
         for candidate in screened:
             if best is not None and candidate.bound > best[0]:
@@ -110,7 +161,7 @@ class TopologyFirstPlanner:
 
     def _result(
         self,
-        best: tuple[tuple[float, ...], str, int, _Victims, CostTuple] | None,
+        best: _Found | None,
         snapshot: ClusterSnapshot,
         evaluated: int,
         deadline_hit: bool,
@@ -138,72 +189,48 @@ class TopologyFirstPlanner:
     # -- screening: O(1) per node from the node's prefix tables -----------------------------
 
     def _screen(
-        self, snapshot: ClusterSnapshot, request: PodRequest, name: str
-    ) -> _Screened | None:
-        state = snapshot.nodes.get(name)
-        if state is None or static_rejection(state, request) is not None:
-            return None
-        shape = state.info.shape
-        keep = state.protected_count(request.priority)
-        protected = state.protected_prefix[keep] | snapshot.blocked_for(name, request.uid)
-        avail = shape.full_mask & ~protected
-        if request.aligned_only:
-            if not shape.has_aligned(request.gpus, request.tier)[avail]:
-                return None
-        elif avail.bit_count() < request.gpus:
-            return None
-        cpu_evictable = state.cpu_used - state.cpu_prefix[keep]
-        memory_evictable = state.memory_used - state.memory_prefix[keep]
-        if request.cpu_milli > state.cpu_free() + cpu_evictable:
-            return None
-        if request.memory_mib > state.memory_free() + memory_evictable:
-            return None
-        bound = self._lower_bound(snapshot, request, state, keep, avail)
-        return _Screened(state, protected, bound)
-
-    def _lower_bound(
         self,
         snapshot: ClusterSnapshot,
         request: PodRequest,
-        state: NodeState,
-        keep: int,
-        avail: int,
-    ) -> tuple[float, ...]:
-        """A cost no plan on this node can undercut, component by component."""
+        facts: dict[NodeShape, _ShapeFacts | None],
+        name: str,
+    ) -> _Screened | None:
+        state = snapshot.nodes.get(name)
+        if state is None:
+            return None
         shape = state.info.shape
-        free = snapshot.free_gpus(state.name, request.uid)
-        needs_victim = not _holds_set(shape, free, request)
-        min_priority = NO_VICTIM_PRIORITY
-        min_lost = 0.0
-        if needs_victim:
-            evictable = [p for p in state.pods[keep:] if p.gpus]
-            min_priority = min(p.priority for p in evictable)
-            min_lost = min(p.lost_work(snapshot.now) for p in evictable)
-        candidates = _candidate_sets(shape, request)
-        values: CostTuple = (
-            0,
-            min_priority,
-            0,
-            min_lost,
-            int(needs_victim),
-            int(needs_victim),
-            0,
-            -shape.intact_value(avail),
-            -shape.quality[candidates[0]],
-            -(2**62),
-        )
-        return self.order.key(values)
+        fact = facts.get(shape, _MISSING)
+        if fact is _MISSING:
+            fact = facts[shape] = _ShapeFacts.build(shape, request)
+        if fact is None:
+            return None
+        if request.cpu_milli > state.info.cpu_milli or request.memory_mib > state.info.memory_mib:
+            return None
+        keep = state.protected_count(request.priority)
+        blocked = snapshot.blocked_for(name, request.uid)
+        avail = shape.full_mask & ~(state.protected_prefix[keep] | blocked)
+        if not fact.holds[avail]:
+            return None
+        if request.cpu_milli > state.cpu_free() + state.cpu_used - state.cpu_prefix[keep]:
+            return None
+        if request.memory_mib > state.memory_free() + state.memory_used - state.memory_prefix[keep]:
+            return None
+        free = shape.full_mask & ~state.used & ~blocked
+        busy_needed = request.gpus - fact.most_free[free]
+        bound = self.order.key(_lower_bound(snapshot, state, fact, keep, avail, busy_needed))
+        return _Screened(state, shape.full_mask & ~avail, bound)
 
     # -- exact evaluation of one node ------------------------------------------------------
 
     def _evaluate(
         self, snapshot: ClusterSnapshot, request: PodRequest, candidate: _Screened
-    ) -> tuple[tuple[float, ...], str, int, _Victims, CostTuple] | None:
+    ) -> _Found | None:
         state = candidate.state
         shape = state.info.shape
         free = snapshot.free_gpus(state.name, request.uid)
         by_victims: dict[int, _Victims | None] = {}
-        best: tuple[tuple[float, ...], str, int, _Victims, CostTuple] | None = None
+        best: _Found | None = None
+        aligned_by_construction = request.aligned_only or request.mode is TopologyMode.NONE
         for target in _candidate_sets(shape, request):
             if target & candidate.protected:
                 continue
@@ -217,7 +244,7 @@ class TopologyFirstPlanner:
             values: CostTuple = (
                 victims.pdb_violations,
                 victims.max_priority,
-                0 if request.mode is TopologyMode.NONE else shape.shortfall(target, request.tier),
+                0 if aligned_by_construction else shape.shortfall(target, request.tier),
                 victims.lost_work,
                 victims.pods,
                 victims.workloads,
@@ -236,12 +263,6 @@ def _candidate_sets(shape: NodeShape, request: PodRequest) -> tuple[int, ...]:
     if request.aligned_only:
         return shape.aligned_sets(request.gpus, request.tier)
     return shape.subsets(request.gpus)
-
-
-def _holds_set(shape: NodeShape, free: int, request: PodRequest) -> bool:
-    if request.aligned_only:
-        return bool(shape.has_aligned(request.gpus, request.tier)[free])
-    return free.bit_count() >= request.gpus
 
 
 def _owners(state: NodeState, gpus: int) -> int:

@@ -8,8 +8,9 @@ changes, not per request).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from tidal.topology import NodeShape, bits
 
@@ -42,10 +43,13 @@ class PodInfo:
     def effective_priority(self) -> int:
         return self.priority if self.preemptible else NON_PREEMPTIBLE
 
+    def last_saved(self) -> float:
+        """When the pod's work was last safe: its last checkpoint, else its start."""
+        return self.start_time if self.last_checkpoint is None else self.last_checkpoint
+
     def lost_work(self, now: float) -> float:
         """GPU-seconds of work lost if evicted now: GPUs × time since the last checkpoint."""
-        since = self.start_time if self.last_checkpoint is None else self.last_checkpoint
-        return self.gpu_count * max(0.0, now - since)
+        return self.gpu_count * max(0.0, now - self.last_saved())
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +98,10 @@ class NodeState:
     protected_prefix: tuple[int, ...]  # GPU mask of pods[:i]
     cpu_prefix: tuple[int, ...]  # CPU of pods[:i]
     memory_prefix: tuple[int, ...]
+    # Over the GPU-holding pods among pods[i:]: the lowest priority and the latest checkpoint
+    # (or start), so a planner can bound the cost of evicting any of them in O(1).
+    min_priority_suffix: tuple[int, ...]
+    memo: dict[object, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
     def build(info: NodeInfo, pods: Iterable[PodInfo]) -> NodeState:
@@ -115,6 +123,7 @@ class NodeState:
             protected_prefix=_prefix(ordered, lambda p: p.gpus, lambda a, b: a | b),
             cpu_prefix=_prefix(ordered, lambda p: p.cpu_milli, lambda a, b: a + b),
             memory_prefix=_prefix(ordered, lambda p: p.memory_mib, lambda a, b: a + b),
+            min_priority_suffix=_suffix(ordered, lambda p: p.priority, min, NON_PREEMPTIBLE),
         )
 
     @property
@@ -125,11 +134,32 @@ class NodeState:
         """How many pods (a prefix of ``pods``) a preemptor of ``priority`` may not evict."""
         return bisect.bisect_right(self.neg_priority, -priority)
 
+    def latest_saved_per_gpu(self, keep: int) -> list[float]:
+        """For every GPU held by pods[keep:], its pod's last checkpoint (or start), latest
+        first: the k youngest busy GPUs bound the lost work of freeing any k of them."""
+        key = ("saved", keep)
+        if key not in self.memo:
+            saved = [p.last_saved() for p in self.pods[keep:] for _ in range(p.gpu_count)]
+            self.memo[key] = sorted(saved, reverse=True)
+        return self.memo[key]  # type: ignore[no-any-return]
+
     def cpu_free(self) -> int:
         return self.info.cpu_milli - self.cpu_used
 
     def memory_free(self) -> int:
         return self.info.memory_mib - self.memory_used
+
+
+def _suffix(
+    pods: tuple[PodInfo, ...],
+    value: Callable[[PodInfo], Any],
+    combine: Callable[[Any, Any], Any],
+    empty: Any,
+) -> tuple[Any, ...]:
+    out = [empty]
+    for pod in reversed(pods):
+        out.append(combine(out[-1], value(pod)) if pod.gpus else out[-1])
+    return tuple(reversed(out))
 
 
 def _prefix(pods: tuple[PodInfo, ...], value: object, combine: object) -> tuple[int, ...]:

@@ -97,6 +97,20 @@ class NodeShape:
             self._lazy[key] = table
         return table  # type: ignore[return-value]
 
+    def most_free_in_aligned(self, size: int, tier: Tier) -> list[int]:
+        """Table over free masks: the most free GPUs any ``size``-set aligned at ``tier`` holds,
+        so ``size`` minus it is the fewest busy GPUs a preemption must free there."""
+        key = ("most-free", size, tier)
+        table = self._lazy.get(key)
+        if table is None:
+            sets = self.aligned_sets(size, tier)
+            table = [
+                max(((s & free).bit_count() for s in sets), default=0)
+                for free in range(1 << self.gpu_count)
+            ]
+            self._lazy[key] = table
+        return table  # type: ignore[return-value]
+
     def intact_value(self, free: int) -> int:
         """How much aligned capacity ``free`` keeps whole: the sum of |d|² over the distinct
         domains d (any tier) entirely inside it. Large intact domains weigh most, so a placement

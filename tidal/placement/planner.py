@@ -9,6 +9,7 @@ exceeds the best plan found is never evaluated.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class _ShapeFacts:
     holds: bytearray  # over GPU masks: the mask contains a set the request may take
     most_free: list[int]  # over free masks: most free GPUs inside one candidate set
     candidates: tuple[int, ...]
+    best_quality: int  # minus the best link quality of any candidate set
 
     @staticmethod
     def build(shape: NodeShape, request: PodRequest) -> _ShapeFacts | None:
@@ -60,13 +62,13 @@ class _ShapeFacts:
         holds = shape.has_aligned(request.gpus, tier)
         if not holds[shape.full_mask]:
             return None
-        return _ShapeFacts(
-            holds, shape.most_free_in_aligned(request.gpus, tier), _candidate_sets(shape, request)
-        )
+        candidates = _candidate_sets(shape, request)
+        most_free = shape.most_free_in_aligned(request.gpus, tier)
+        return _ShapeFacts(holds, most_free, candidates, -shape.quality[candidates[0]])
 
 
 def _lower_bound(
-    snapshot: ClusterSnapshot,
+    now: float,
     state: NodeState,
     fact: _ShapeFacts,
     keep: int,
@@ -77,21 +79,23 @@ def _lower_bound(
     free ``busy_needed`` busy GPUs, each held by a pod of at least the lowest evictable
     priority, losing at least the work of the ``busy_needed`` youngest busy GPUs."""
     shape = state.info.shape
-    best_quality = -shape.quality[fact.candidates[0]]
     intact = -shape.intact_value(avail)
     if busy_needed <= 0:
-        return (0, NO_VICTIM_PRIORITY, 0, 0.0, 0, 0, 0, intact, best_quality, -(2**62))
-    youngest = state.latest_saved_per_gpu(keep)[:busy_needed]
-    min_lost = sum(max(0.0, snapshot.now - saved) for saved in youngest)
-    min_priority = state.min_priority_suffix[keep]
-    return (0, min_priority, 0, min_lost, 1, 1, 0, intact, best_quality, -(2**62))
+        return (0, NO_VICTIM_PRIORITY, 0, 0.0, 0, 0, 0, intact, fact.best_quality, -(2**62))
+    saved = state.saved_prefix(keep)  # sums of the latest checkpoints, youngest GPUs first
+    min_lost = max(0.0, busy_needed * now - saved[min(busy_needed, len(saved) - 1)])
+    priority = state.min_priority_suffix[keep]
+    return (0, priority, 0, min_lost, 1, 1, 0, intact, fact.best_quality, -(2**62))
 
 
 @dataclass(frozen=True, slots=True)
 class _Screened:
     state: NodeState
     protected: int  # GPUs the preemptor may not take or free
-    bound: tuple[float, ...]
+    bound: tuple[float, ...]  # in the configured order
+    values: CostTuple  # the same bound, canonical order
+    keep: int  # pods[:keep] are protected by priority
+    busy_needed: int
 
 
 class TopologyFirstPlanner:
@@ -129,10 +133,7 @@ class TopologyFirstPlanner:
         """Like :meth:`plan` without first looking for a free placement."""
         started = self.clock()
         names = snapshot.nodes.keys() if nodes is None else nodes
-        facts: dict[NodeShape, _ShapeFacts | None] = {}
-        screened = [
-            s for n in names if (s := self._screen(snapshot, request, facts, n)) is not None
-        ]
+        screened = self._screen_all(snapshot, request, names)
         if not screened:
             detail = "every node lacks GPUs, CPU or memory held by lower-priority preemptible pods"
             return NoPlan(self.name, status.NO_CANDIDATE.format(detail=detail), Code.UNRESOLVABLE)
@@ -153,6 +154,8 @@ class TopologyFirstPlanner:
                 break  # bounds are sorted: no later node can beat the best plan
             if self.clock() - started > self.deadline_s:
                 return self._result(best, snapshot, evaluated, deadline_hit=True)
+            if best is not None and self._tighter_bound(snapshot, candidate) > best[0]:
+                continue
             evaluated += 1
             found = self._evaluate(snapshot, request, candidate)
             if found is not None and (best is None or found[:3] < best[:3]):
@@ -188,37 +191,56 @@ class TopologyFirstPlanner:
 
     # -- screening: O(1) per node from the node's prefix tables -----------------------------
 
-    def _screen(
-        self,
-        snapshot: ClusterSnapshot,
-        request: PodRequest,
-        facts: dict[NodeShape, _ShapeFacts | None],
-        name: str,
-    ) -> _Screened | None:
-        state = snapshot.nodes.get(name)
-        if state is None:
-            return None
-        shape = state.info.shape
-        fact = facts.get(shape, _MISSING)
-        if fact is _MISSING:
-            fact = facts[shape] = _ShapeFacts.build(shape, request)
-        if fact is None:
-            return None
-        if request.cpu_milli > state.info.cpu_milli or request.memory_mib > state.info.memory_mib:
-            return None
-        keep = state.protected_count(request.priority)
-        blocked = snapshot.blocked_for(name, request.uid)
-        avail = shape.full_mask & ~(state.protected_prefix[keep] | blocked)
-        if not fact.holds[avail]:
-            return None
-        if request.cpu_milli > state.cpu_free() + state.cpu_used - state.cpu_prefix[keep]:
-            return None
-        if request.memory_mib > state.memory_free() + state.memory_used - state.memory_prefix[keep]:
-            return None
-        free = shape.full_mask & ~state.used & ~blocked
-        busy_needed = request.gpus - fact.most_free[free]
-        bound = self.order.key(_lower_bound(snapshot, state, fact, keep, avail, busy_needed))
-        return _Screened(state, shape.full_mask & ~avail, bound)
+    def _screen_all(
+        self, snapshot: ClusterSnapshot, request: PodRequest, names: Iterable[str]
+    ) -> list[_Screened]:
+        """Every node that could be freed for the request, with a lower bound on its cost.
+        Hot loop over the whole cluster: integer ops and table lookups, no method calls."""
+        facts: dict[NodeShape, _ShapeFacts | None] = {}
+        nodes, priority, uid = snapshot.nodes, request.priority, request.uid
+        blocks = snapshot.has_blocks()
+        out: list[_Screened] = []
+        for name in names:
+            state = nodes.get(name)
+            if state is None:
+                continue
+            info = state.info
+            shape = info.shape
+            fact = facts.get(shape, _MISSING)
+            if fact is _MISSING:
+                fact = facts[shape] = _ShapeFacts.build(shape, request)
+            if fact is None:
+                continue
+            keep = bisect.bisect_right(state.neg_priority, -priority)
+            blocked = snapshot.blocked_for(name, uid) if blocks else 0
+            avail = shape.full_mask & ~(state.protected_prefix[keep] | blocked)
+            if not fact.holds[avail]:
+                continue
+            if request.cpu_milli > info.cpu_milli - state.cpu_prefix[keep]:
+                continue
+            if request.memory_mib > info.memory_mib - state.memory_prefix[keep]:
+                continue
+            busy_needed = request.gpus - fact.most_free[shape.full_mask & ~state.used & ~blocked]
+            values = _lower_bound(snapshot.now, state, fact, keep, avail, busy_needed)
+            bound = values if self.order.identity else self.order.key(values)
+            out.append(_Screened(state, shape.full_mask & ~avail, bound, values, keep, busy_needed))
+        return out
+
+    def _tighter_bound(self, snapshot: ClusterSnapshot, candidate: _Screened) -> tuple[float, ...]:
+        """The screening bound with its lost work made integral: evicting a pod loses the work
+        of all its GPUs, so freeing k busy GPUs costs at least the cheapest whole-pod cover."""
+        if candidate.busy_needed <= 0:
+            return candidate.bound
+        state = candidate.state
+        evictable = [
+            (p.gpu_count, p.lost_work(snapshot.now))
+            for p in state.pods[candidate.keep :]
+            if p.gpus and not p.gpus & candidate.protected
+        ]
+        lost = _cheapest_cover(evictable, candidate.busy_needed)
+        values = candidate.values
+        tighter: CostTuple = (*values[:3], max(values[3], lost), *values[4:])
+        return self.order.key(tighter)
 
     # -- exact evaluation of one node ------------------------------------------------------
 
@@ -231,14 +253,15 @@ class TopologyFirstPlanner:
         by_victims: dict[int, _Victims | None] = {}
         best: _Found | None = None
         aligned_by_construction = request.aligned_only or request.mode is TopologyMode.NONE
+        summarise = _victim_summariser(snapshot, request, state)
         for target in _candidate_sets(shape, request):
             if target & candidate.protected:
                 continue
             occupied = target & state.used
             victim_mask = _owners(state, occupied)
-            if victim_mask not in by_victims:
-                by_victims[victim_mask] = _victims(snapshot, request, state, victim_mask)
-            victims = by_victims[victim_mask]
+            victims = by_victims.get(victim_mask, _MISSING)
+            if victims is _MISSING:
+                victims = by_victims[victim_mask] = summarise(victim_mask)
             if victims is None or not victims.pods:
                 continue  # infeasible, or a free fit that is not a preemption
             values: CostTuple = (
@@ -259,6 +282,16 @@ class TopologyFirstPlanner:
         return best
 
 
+def _cheapest_cover(pods: list[tuple[int, float]], need: int) -> float:
+    """Least total cost of whole pods (GPUs, cost) that together free at least ``need`` GPUs."""
+    best = [0.0] + [float("inf")] * need
+    for gpus, cost in pods:
+        for freed in range(need, 0, -1):
+            before = best[max(0, freed - gpus)] + cost
+            best[freed] = min(best[freed], before)
+    return best[need]
+
+
 def _candidate_sets(shape: NodeShape, request: PodRequest) -> tuple[int, ...]:
     if request.aligned_only:
         return shape.aligned_sets(request.gpus, request.tier)
@@ -274,6 +307,45 @@ def _owners(state: NodeState, gpus: int) -> int:
         owners |= 1 << owner[low.bit_length() - 1]
         gpus ^= low
     return owners
+
+
+def _victim_summariser(
+    snapshot: ClusterSnapshot, request: PodRequest, state: NodeState
+) -> Callable[[int], _Victims | None]:
+    """How to cost a victim set on this node. Most nodes hold no gang pods and have the CPU and
+    memory the request needs: there, a victim set costs a few sums over per-pod arrays."""
+    needs_extras = request.cpu_milli > state.cpu_free() or request.memory_mib > state.memory_free()
+    if needs_extras or any(p.gang for p in state.pods):
+        return lambda mask: _victims(snapshot, request, state, mask)
+    pods = state.pods
+    lost = [p.lost_work(snapshot.now) for p in pods]
+    budgets = {p.pdb: _allowed(snapshot, p.pdb) for p in pods if p.pdb}
+
+    def summarise(mask: int) -> _Victims | None:
+        if not mask:
+            return _NO_VICTIMS
+        chosen = [pods[i] for i in bits(mask)]
+        per_pdb: dict[str, int] = {}
+        node_mask = 0
+        for pod in chosen:
+            node_mask |= pod.gpus
+            if pod.pdb:
+                per_pdb[pod.pdb] = per_pdb.get(pod.pdb, 0) + 1
+        return _Victims(
+            pdb_violations=sum(max(0, n - budgets[name]) for name, n in per_pdb.items()),
+            max_priority=max(p.priority for p in chosen),
+            lost_work=sum(lost[i] for i in bits(mask)),
+            pods=len(chosen),
+            workloads=len({p.workload or p.uid for p in chosen}),
+            gpus_freed=node_mask.bit_count(),
+            node_mask=node_mask,
+            uids=tuple(sorted(p.uid for p in chosen)),
+        )
+
+    return summarise
+
+
+_NO_VICTIMS = _Victims(0, NO_VICTIM_PRIORITY, 0.0, 0, 0, 0, 0, ())
 
 
 def _victims(

@@ -134,13 +134,19 @@ class NodeState:
         """How many pods (a prefix of ``pods``) a preemptor of ``priority`` may not evict."""
         return bisect.bisect_right(self.neg_priority, -priority)
 
-    def latest_saved_per_gpu(self, keep: int) -> list[float]:
-        """For every GPU held by pods[keep:], its pod's last checkpoint (or start), latest
-        first: the k youngest busy GPUs bound the lost work of freeing any k of them."""
+    def saved_prefix(self, keep: int) -> list[float]:
+        """Over the GPUs held by pods[keep:], youngest first (latest checkpoint or start):
+        prefix sums of those times. Freeing k of them loses at least k·now − saved[k]."""
         key = ("saved", keep)
         if key not in self.memo:
-            saved = [p.last_saved() for p in self.pods[keep:] for _ in range(p.gpu_count)]
-            self.memo[key] = sorted(saved, reverse=True)
+            saved = sorted(
+                (p.last_saved() for p in self.pods[keep:] for _ in range(p.gpu_count)),
+                reverse=True,
+            )
+            prefix = [0.0]
+            for time_saved in saved:
+                prefix.append(prefix[-1] + time_saved)
+            self.memo[key] = prefix
         return self.memo[key]  # type: ignore[no-any-return]
 
     def cpu_free(self) -> int:
@@ -217,6 +223,10 @@ class ClusterSnapshot:
         return clone
 
     # -- queries ---------------------------------------------------------------------------
+
+    def has_blocks(self) -> bool:
+        """Whether any node has GPUs blocked by reservations (lets hot loops skip the check)."""
+        return bool(self._blocked)
 
     def blocked_for(self, node: str, preemptor: str | None) -> int:
         """GPUs on ``node`` that ``preemptor`` may neither take nor free: those reserved for

@@ -108,12 +108,8 @@ def _shortage(free: int, request: PodRequest) -> Rejection:
 
 def best_placement(snapshot: ClusterSnapshot, request: PodRequest) -> Placement | None:
     """The best-ranked free placement in the cluster, or None."""
-    best: Placement | None = None
-    for state in snapshot.nodes.values():
-        outcome = fit_node(snapshot, state, request)
-        if isinstance(outcome, Placement) and (best is None or outcome.rank < best.rank):
-            best = outcome
-    return best
+    feasible = filter_nodes(snapshot, request).feasible.values()
+    return min(feasible, key=lambda p: p.rank, default=None)
 
 
 def fit_node(

@@ -34,6 +34,7 @@ class PodInfo:
     workload: str | None = None
     start_time: float = 0.0
     last_checkpoint: float | None = None
+    checkpoint_interval_s: float | None = None  # periodic checkpoints since start, if known
 
     @property
     def gpu_count(self) -> int:
@@ -43,13 +44,24 @@ class PodInfo:
     def effective_priority(self) -> int:
         return self.priority if self.preemptible else NON_PREEMPTIBLE
 
-    def last_saved(self) -> float:
-        """When the pod's work was last safe: its last checkpoint, else its start."""
+    def last_saved(self, now: float) -> float:
+        """When the pod's work was last safe at ``now``: its latest checkpoint (recorded, or
+        due by its checkpoint interval), else its start."""
+        saved = self.start_time if self.last_checkpoint is None else self.last_checkpoint
+        interval = self.checkpoint_interval_s
+        if interval and now > self.start_time:
+            saved = max(saved, self.start_time + (now - self.start_time) // interval * interval)
+        return saved
+
+    def latest_saved_bound(self) -> float:
+        """An upper bound on :meth:`last_saved` at any time (for time-free lower bounds)."""
+        if self.checkpoint_interval_s:
+            return float("inf")
         return self.start_time if self.last_checkpoint is None else self.last_checkpoint
 
     def lost_work(self, now: float) -> float:
         """GPU-seconds of work lost if evicted now: GPUs × time since the last checkpoint."""
-        return self.gpu_count * max(0.0, now - self.last_saved())
+        return self.gpu_count * max(0.0, now - self.last_saved(now))
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +152,7 @@ class NodeState:
         key = ("saved", keep)
         if key not in self.memo:
             saved = sorted(
-                (p.last_saved() for p in self.pods[keep:] for _ in range(p.gpu_count)),
+                (p.latest_saved_bound() for p in self.pods[keep:] for _ in range(p.gpu_count)),
                 reverse=True,
             )
             prefix = [0.0]

@@ -1,0 +1,308 @@
+"""Discrete-event replay of one policy on the shared event stream.
+
+Events: batch arrivals and completions, the autoscaler step (online replica targets, metrics
+samples), and preemptor binds after the victims' grace period. Online replicas are placed first;
+when one fits nowhere the policy plans a preemption, the victims are evicted at once (their work
+since the last checkpoint is lost, the job is requeued) and the preemptor's GPUs are reserved
+until it binds a grace period later.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tidal.placement import (
+    ClusterSnapshot,
+    NodeInfo,
+    Placement,
+    Plan,
+    PodInfo,
+    PodRequest,
+    Policy,
+    Reservation,
+    TopologyMode,
+)
+from tidal.simulator.metrics import Metrics
+from tidal.simulator.scenario import Scenario, ServiceSpec
+from tidal.simulator.workload import BatchJob, Workload
+from tidal.topology import Tier
+
+ONLINE_PRIORITY = 1000
+BATCH_PRIORITY = 10
+BATCH_TRIES_PER_PASS = 64  # pending batch jobs tried per scheduling pass (kube-scheduler backs off)
+CASCADE_WINDOW_S = 600.0
+
+
+@dataclass
+class _Job:
+    spec: BatchJob
+    remaining_s: float
+    epoch: int = 0
+    run_start: float | None = None
+    preemptions: int = 0
+    last_restart: float = -1e18
+
+
+@dataclass
+class _Replica:
+    uid: str
+    service: ServiceSpec
+    tier: Tier | None = None  # achieved tier once bound
+    node: str | None = None
+
+
+@dataclass(order=True)
+class _Event:
+    time: float
+    seq: int
+    kind: str = field(compare=False)
+    data: object = field(compare=False, default=None)
+
+
+class Replay:
+    """One policy on one scenario's workload."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        nodes: list[NodeInfo],
+        workload: Workload,
+        policy: Policy,
+        on_progress: Callable[[float], None] | None = None,
+    ) -> None:
+        self.scenario = scenario
+        self.workload = workload
+        self.policy = policy
+        self.snapshot = ClusterSnapshot(nodes)
+        self.metrics = Metrics(policy.name, workload.total_gpus, scenario)
+        self.on_progress = on_progress
+        self.jobs = {j.uid: _Job(j, j.work_s) for j in workload.jobs}
+        self.pending_batch: deque[str] = deque()
+        self.pending_online: deque[_Replica] = deque()
+        self.replicas: dict[str, list[_Replica]] = {s.name: [] for s in scenario.services}
+        self.binding: dict[str, tuple[_Replica, Plan]] = {}
+        self.events: list[_Event] = []
+        self.seq = itertools.count()
+        self.replica_ids = itertools.count()
+
+    def run(self) -> Metrics:
+        horizon = self.scenario.hours * 3600
+        for job in self.workload.jobs:
+            self._push(job.arrival, "arrive", job.uid)
+        step = 0.0
+        while step <= horizon:
+            self._push(step, "step")
+            step += self.scenario.step_s
+        while self.events:
+            event = heapq.heappop(self.events)
+            if event.time > horizon:
+                break
+            self.snapshot.now = event.time
+            getattr(self, f"_on_{event.kind}")(event.data)
+        self.metrics.finish(self.snapshot, self.jobs.values())
+        return self.metrics
+
+    # -- events ------------------------------------------------------------------------------
+
+    def _on_arrive(self, uid: object) -> None:
+        self.pending_batch.append(str(uid))
+        self._schedule_batch()
+
+    def _on_done(self, data: object) -> None:
+        uid, epoch = data  # type: ignore[misc]
+        job = self.jobs[uid]
+        if job.epoch != epoch or job.run_start is None:
+            return  # preempted since this completion was planned
+        self.snapshot.remove_pod(uid)
+        self.metrics.job_completed(job.spec, self.snapshot.now)
+        job.run_start = None
+        job.remaining_s = 0
+        self._schedule_batch()
+
+    def _on_step(self, _: object) -> None:
+        now = self.snapshot.now
+        if self.on_progress:
+            self.on_progress(now)
+        self.snapshot.expire_reservations()
+        self._autoscale(self.workload.replica_targets(self.scenario, now))
+        self._schedule_online()
+        self._schedule_batch()
+        self.metrics.sample(now, self.snapshot, self._served())
+
+    def _on_bind(self, uid: object) -> None:
+        replica, plan = self.binding.pop(str(uid))
+        self.snapshot.release(replica.uid)
+        if replica not in self.replicas[replica.service.name]:
+            self._schedule_batch()  # scaled down while waiting: the GPUs go back to the pool
+            return
+        shape = self.snapshot.nodes[plan.node].info.shape
+        if plan.gpus & ~self.snapshot.free_gpus(plan.node, replica.uid):
+            self.metrics.double_allocations += 1
+            self.pending_online.append(replica)
+            return
+        self._bind_replica(replica, plan.node, plan.gpus, shape.tier_of(plan.gpus))
+
+    # -- online ------------------------------------------------------------------------------
+
+    def _autoscale(self, targets: dict[str, int]) -> None:
+        for service in self.scenario.services:
+            running = self.replicas[service.name]
+            target = targets[service.name]
+            while len(running) < target:
+                replica = _Replica(f"{service.name}-{next(self.replica_ids)}", service)
+                running.append(replica)
+                self.pending_online.append(replica)
+            while len(running) > target:
+                self._scale_down(running.pop())
+
+    def _scale_down(self, replica: _Replica) -> None:
+        if replica in self.pending_online:
+            self.pending_online.remove(replica)
+        elif replica.node is not None:
+            self.snapshot.remove_pod(replica.uid)
+
+    def _schedule_online(self) -> None:
+        for _ in range(len(self.pending_online)):
+            replica = self.pending_online.popleft()
+            if not self._place_online(replica):
+                self.pending_online.append(replica)
+
+    def _place_online(self, replica: _Replica) -> bool:
+        request = _online_request(replica)
+        started = time.perf_counter()
+        placement = self.policy.place(self.snapshot, request)
+        self.metrics.decision("place", time.perf_counter() - started)
+        if placement is not None:
+            self._bind_replica(replica, placement.node, placement.gpus, placement.tier)
+            return True
+        started = time.perf_counter()
+        plan = self.policy.preempt(self.snapshot, request)
+        self.metrics.decision("preempt", time.perf_counter() - started)
+        if not isinstance(plan, Plan):
+            return False
+        self._carry_out(replica, request, plan)
+        return True
+
+    def _carry_out(self, replica: _Replica, request: PodRequest, plan: Plan) -> None:
+        now = self.snapshot.now
+        lost = 0.0
+        victim_gpus = 0
+        for uid in plan.victims:
+            victim = self.snapshot.pods[uid]
+            if victim.priority >= request.priority or not victim.preemptible:
+                self.metrics.priority_inversions += 1
+            victim_gpus += victim.gpu_count
+            lost += self._evict(uid)
+        shape = self.snapshot.nodes[plan.node].info.shape
+        self.metrics.preemption(request, plan, shape, lost, victim_gpus)
+        expiry = now + self.scenario.grace_period_s * 4
+        self.snapshot.reserve(Reservation(replica.uid, plan.node, plan.gpus, frozenset(), expiry))
+        self.binding[replica.uid] = (replica, plan)
+        self._push(now + self.scenario.grace_period_s, "bind", replica.uid)
+
+    def _bind_replica(self, replica: _Replica, node: str, gpus: int, tier: Tier) -> None:
+        pod = PodInfo(
+            uid=replica.uid,
+            name=replica.uid,
+            node=node,
+            gpus=gpus,
+            priority=ONLINE_PRIORITY,
+            preemptible=False,
+            workload=replica.service.name,
+            start_time=self.snapshot.now,
+        )
+        self.snapshot.add_pod(pod)
+        replica.node, replica.tier = node, tier
+
+    def _served(self) -> tuple[float, float]:
+        """(demanded, served) replica-equivalents: a replica on a weaker tier serves less."""
+        demanded = served = 0.0
+        throughput = self.scenario.tier_throughput
+        for service, running in self.replicas.items():
+            demanded += len(running)
+            for replica in running:
+                if replica.node is None or replica.tier is None:
+                    continue
+                tp1 = replica.service.tensor_parallel == 1
+                served += 1.0 if tp1 else throughput.get(replica.tier.label, 0.5)
+            del service
+        return demanded, served
+
+    # -- batch -------------------------------------------------------------------------------
+
+    def _schedule_batch(self) -> None:
+        tries = min(BATCH_TRIES_PER_PASS, len(self.pending_batch))
+        for _ in range(tries):
+            uid = self.pending_batch.popleft()
+            job = self.jobs[uid]
+            request = PodRequest(
+                uid, uid, job.spec.gpus, BATCH_PRIORITY, job.spec.cpu_milli, job.spec.memory_mib,
+                TopologyMode.NONE, Tier.NODE,
+            )
+            started = time.perf_counter()
+            placement = self.policy.place(self.snapshot, request)
+            self.metrics.decision("place", time.perf_counter() - started)
+            if placement is None:
+                self.pending_batch.append(uid)
+            else:
+                self._start_job(job, placement)
+
+    def _start_job(self, job: _Job, placement: Placement) -> None:
+        now = self.snapshot.now
+        job.epoch += 1
+        job.run_start = now
+        job.last_restart = now
+        self.snapshot.add_pod(
+            PodInfo(
+                uid=job.spec.uid,
+                name=job.spec.uid,
+                node=placement.node,
+                gpus=placement.gpus,
+                priority=BATCH_PRIORITY,
+                cpu_milli=job.spec.cpu_milli,
+                memory_mib=job.spec.memory_mib,
+                workload=job.spec.uid,
+                start_time=now,
+                checkpoint_interval_s=self.scenario.checkpoint_interval_s,
+            )
+        )
+        self._push(now + job.remaining_s, "done", (job.spec.uid, job.epoch))
+
+    def _evict(self, uid: str) -> float:
+        """Evict a batch job; returns the GPU-seconds of work it loses."""
+        now = self.snapshot.now
+        pod = self.snapshot.remove_pod(uid)
+        job = self.jobs[uid]
+        assert job.run_start is not None
+        ran = now - job.run_start
+        saved = pod.last_saved(now) - job.run_start
+        job.remaining_s -= saved
+        job.preemptions += 1
+        if now - job.last_restart < CASCADE_WINDOW_S and job.preemptions > 1:
+            self.metrics.cascades += 1
+        job.run_start = None
+        job.epoch += 1
+        self.pending_batch.appendleft(uid)
+        return (ran - saved) * job.spec.gpus
+
+    def _push(self, at: float, kind: str, data: object = None) -> None:
+        heapq.heappush(self.events, _Event(at, next(self.seq), kind, data))
+
+
+def _online_request(replica: _Replica) -> PodRequest:
+    service = replica.service
+    return PodRequest(
+        uid=replica.uid,
+        name=replica.uid,
+        gpus=service.tensor_parallel,
+        priority=ONLINE_PRIORITY,
+        cpu_milli=4000 * service.tensor_parallel,
+        memory_mib=32_768 * service.tensor_parallel,
+        mode=service.mode,
+        tier=service.tier,
+    )

@@ -107,9 +107,34 @@ def _shortage(free: int, request: PodRequest) -> Rejection:
 
 
 def best_placement(snapshot: ClusterSnapshot, request: PodRequest) -> Placement | None:
-    """The best-ranked free placement in the cluster, or None."""
-    feasible = filter_nodes(snapshot, request).feasible.values()
-    return min(feasible, key=lambda p: p.rank, default=None)
+    """The best-ranked free placement in the cluster, or None. Ranks nodes by the same key as
+    :attr:`Placement.rank` but builds a Placement only for the winner."""
+    best: tuple[tuple[int, int, int, str], NodeState, int, int] | None = None
+    tier = request.tier if request.aligned_only else Tier.NODE
+    tables: dict[NodeShape, bytearray] = {}
+    ignore_tier = request.mode is TopologyMode.NONE
+    for name, state in snapshot.nodes.items():
+        shape = state.info.shape
+        holds = tables.get(shape)
+        if holds is None:
+            holds = tables[shape] = _shape_facts(shape, request, tier)[0]
+        free = shape.full_mask & ~state.used & ~snapshot.blocked_for(name, request.uid)
+        if not holds[free] or request.cpu_milli > state.cpu_free():
+            continue
+        if request.memory_mib > state.memory_free():
+            continue
+        gpus = choose_gpus(shape, free, request.gpus, request.mode, request.tier)
+        if gpus is None:
+            continue
+        short = 0 if ignore_tier else shape.shortfall(gpus, request.tier)
+        lost = shape.intact_value(free) - shape.intact_value(free & ~gpus)
+        rank = (short, lost, -shape.quality[gpus], name)
+        if best is None or rank < best[0]:
+            best = (rank, state, free, gpus)
+    if best is None:
+        return None
+    _, state, free, gpus = best
+    return placement_of(state.name, state.info.shape, free, gpus, request)
 
 
 def fit_node(

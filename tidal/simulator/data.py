@@ -79,7 +79,9 @@ def openb_batch_pods(path: Path) -> list[TracePod]:
         whole = gpus > 1 or (gpus == 1 and _int(path, row, line, "gpu_milli") >= 1000)
         if line["qos"] not in ("BE", "Burstable") or not whole:
             continue
-        duration = _float(path, row, line, "deletion_time") - _float(path, row, line, "creation_time")
+        duration = _float(path, row, line, "deletion_time") - _float(
+            path, row, line, "creation_time"
+        )
         if duration > 0:
             pods.append(
                 TracePod(
@@ -130,7 +132,9 @@ def _float(path: Path, row: int, line: dict[str, str], column: str) -> float:
     try:
         value = float(line[column])
     except (TypeError, ValueError) as err:
-        raise DataError(f"{path}: row {row}, column {column!r}: not a number: {line[column]!r}") from err
+        raise DataError(
+            f"{path}: row {row}, column {column!r}: not a number: {line[column]!r}"
+        ) from err
     if not math.isfinite(value):
         raise DataError(f"{path}: row {row}, column {column!r}: not finite")
     return value

@@ -114,7 +114,8 @@ class Replay:
         self._schedule_batch()
 
     def _on_done(self, data: object) -> None:
-        uid, epoch = data  # type: ignore[misc]
+        assert isinstance(data, tuple)
+        uid, epoch = str(data[0]), int(data[1])
         job = self.jobs[uid]
         if job.epoch != epoch or job.run_start is None:
             return  # preempted since this completion was planned
@@ -237,12 +238,22 @@ class Replay:
 
     def _schedule_batch(self) -> None:
         tries = min(BATCH_TRIES_PER_PASS, len(self.pending_batch))
+        room = self._largest_free_count()
         for _ in range(tries):
             uid = self.pending_batch.popleft()
             job = self.jobs[uid]
+            if job.spec.gpus > room:
+                self.pending_batch.append(uid)  # no node has that many free GPUs: skip the scan
+                continue
             request = PodRequest(
-                uid, uid, job.spec.gpus, BATCH_PRIORITY, job.spec.cpu_milli, job.spec.memory_mib,
-                TopologyMode.NONE, Tier.NODE,
+                uid,
+                uid,
+                job.spec.gpus,
+                BATCH_PRIORITY,
+                job.spec.cpu_milli,
+                job.spec.memory_mib,
+                TopologyMode.NONE,
+                Tier.NODE,
             )
             started = time.perf_counter()
             placement = self.policy.place(self.snapshot, request)
@@ -251,6 +262,11 @@ class Replay:
                 self.pending_batch.append(uid)
             else:
                 self._start_job(job, placement)
+                room = self._largest_free_count()
+
+    def _largest_free_count(self) -> int:
+        snapshot = self.snapshot
+        return max((snapshot.free_gpus(name).bit_count() for name in snapshot.nodes), default=0)
 
     def _start_job(self, job: _Job, placement: Placement) -> None:
         now = self.snapshot.now

@@ -21,7 +21,9 @@ class Metrics:
     total_gpus: int
     scenario: Scenario
     # M1 affinity hits of preemptor placements, by mode
-    hits: dict[str, list[int]] = field(default_factory=lambda: {"guaranteed": [0, 0], "best-effort": [0, 0]})
+    hits: dict[str, list[int]] = field(
+        default_factory=lambda: {"guaranteed": [0, 0], "best-effort": [0, 0]}
+    )
     preemptions: int = 0
     victim_pods: int = 0
     victim_gpus: int = 0
@@ -73,7 +75,9 @@ class Metrics:
         )
 
     def finish(self, snapshot: ClusterSnapshot, jobs: Iterable[Any]) -> None:
-        self.leaked_reservations = sum(1 for r in snapshot.reservations.values() if r.expires_at < snapshot.now)
+        self.leaked_reservations = sum(
+            1 for r in snapshot.reservations.values() if r.expires_at < snapshot.now
+        )
         del jobs
 
     def summary(self) -> dict[str, Any]:
@@ -85,14 +89,18 @@ class Metrics:
             "M1_affinity_hit_guaranteed": _rate(self.hits["guaranteed"]),
             "M1_affinity_hit_best_effort": _rate(self.hits["best-effort"]),
             "M3_wasted_gpus": self.wasted_gpus,
-            "M4_victims_per_preemption": self.victim_pods / self.preemptions if self.preemptions else 0.0,
+            "M4_victims_per_preemption": self.victim_pods / self.preemptions
+            if self.preemptions
+            else 0.0,
             "M5_lost_gpu_hours": self.lost_gpu_seconds / 3600,
             "M7_online_served_fraction": served / demand if demand else 1.0,
             "M7_hours_with_unmet_demand": unmet_steps * self.scenario.step_s / 3600,
             "M8_jobs_completed": self.jobs_completed,
             "M8_goodput_gpu_hours": self.goodput_gpu_seconds / 3600,
             "M8_cascades": self.cascades,
-            "M9_mean_allocation": statistics.fmean(s["allocation"] for s in self.series) if self.series else 0.0,
+            "M9_mean_allocation": statistics.fmean(s["allocation"] for s in self.series)
+            if self.series
+            else 0.0,
             "M10_priority_inversions": self.priority_inversions,
             "M10_double_allocations": self.double_allocations,
             "M10_leaked_reservations": self.leaked_reservations,

@@ -83,6 +83,7 @@ def simulate(
     inputs = prepare(scenario)
     results = []
     for name in scenario.policies:
+
         def progress(now: float, policy: str = name) -> None:
             if on_progress:
                 on_progress(policy, now)

@@ -38,7 +38,13 @@ DEFAULT_SERVICES = (
 # Served throughput of a tensor-parallel replica by the tier its GPUs are aligned at, relative
 # to NVLink (a stated model, swept in the report): all-reduce over PCIe switches, host bridges
 # and sockets costs a growing share of every layer.
-DEFAULT_TIER_THROUGHPUT = {"nvlink": 1.0, "pcie-switch": 0.8, "numa": 0.7, "socket": 0.6, "node": 0.5}
+DEFAULT_TIER_THROUGHPUT = {
+    "nvlink": 1.0,
+    "pcie-switch": 0.8,
+    "numa": 0.7,
+    "socket": 0.6,
+    "node": 0.5,
+}
 
 
 @dataclass(frozen=True)

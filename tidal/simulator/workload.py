@@ -38,7 +38,8 @@ class Workload:
     def replica_targets(self, scenario: Scenario, t: float) -> dict[str, int]:
         demand = self.online_gpus(scenario, t)
         return {
-            s.name: math.ceil(s.share * demand / s.tensor_parallel - 1e-9) for s in scenario.services
+            s.name: math.ceil(s.share * demand / s.tensor_parallel - 1e-9)
+            for s in scenario.services
         }
 
 

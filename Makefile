@@ -15,7 +15,7 @@ $(BIN)/tidal: pyproject.toml
 setup: $(BIN)/tidal
 
 demo: setup
-	$(BIN)/tidal topo show dgx1-v100
+	$(BIN)/tidal simulate --quick
 	$(BIN)/tidal plan examples/plan-two-cliques.yaml
 
 lint: setup

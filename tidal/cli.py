@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -9,6 +11,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from tidal.placement import (
@@ -22,6 +25,8 @@ from tidal.placement import (
     TopologyMode,
     make_policy,
 )
+from tidal.simulator import Scenario, ScenarioError, load_scenario, simulate
+from tidal.simulator.data import DataError
 from tidal.topology import (
     NODE_TIERS,
     Tier,
@@ -215,6 +220,66 @@ def _scenario(spec: dict[str, Any]) -> tuple[ClusterSnapshot, PodRequest]:
         tier=Tier.parse(r.get("tier", "nvlink")),
     )
     return ClusterSnapshot(nodes, pods, pdbs, now=float(spec.get("now", 0))), request
+
+
+@app.command("simulate")
+def simulate_command(
+    scenario_file: Annotated[
+        Path | None, typer.Option("--scenario", help="Scenario YAML (default: built-in openb day).")
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option(help="Sample 160 nodes of the cluster: seconds, not minutes.")
+    ] = False,
+    policy: Annotated[
+        list[str] | None, typer.Option(help="Policies to replay (default: all).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for results.json.")] = Path("out/simulate"),
+) -> None:
+    """Replay a day of real traces through the placement core, every policy side by side."""
+    try:
+        scenario = load_scenario(scenario_file) if scenario_file else Scenario()
+    except ScenarioError as err:
+        raise typer.BadParameter(str(err), param_hint="--scenario") from err
+    if quick:
+        scenario = scenario.quick()
+    if policy:
+        for name in policy:
+            _policy_or_exit(name)
+        scenario = dataclasses.replace(scenario, policies=tuple(policy))
+    horizon = scenario.hours * 3600
+    with Progress(console=console, transient=True) as progress:
+        tasks = {p: progress.add_task(f"replaying {p}", total=horizon) for p in scenario.policies}
+        try:
+            result = simulate(scenario, lambda p, now: progress.update(tasks[p], completed=now))
+        except DataError as err:
+            console.print(f"[red]error:[/red] {err}")
+            raise typer.Exit(1) from err
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    console.print(_summary_table(result))
+    console.print(f"results: {out / 'results.json'}")
+
+
+def _summary_table(result: dict[str, Any]) -> Table:
+    summaries = [p["summary"] for p in result["policies"]]
+    table = Table(
+        "metric",
+        *(s["policy"] for s in summaries),
+        title=f"{result['scenario']}: {result['nodes']} nodes, {result['gpus']} GPUs, "
+        f"{result['batch_jobs']} batch jobs",
+    )
+    for key in summaries[0]:
+        if key != "policy":
+            table.add_row(key, *(_cell(s[key]) for s in summaries))
+    return table
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -57,6 +57,7 @@ def test_every_subcommand_has_help() -> None:
         ["topo", "show", "--help"],
         ["topo", "list", "--help"],
         ["plan", "--help"],
+        ["simulate", "--help"],
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 0 and "Usage" in result.output

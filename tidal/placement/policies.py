@@ -97,15 +97,18 @@ class _ReprievePolicy:
         raise NotImplementedError
 
     def place(self, snapshot: ClusterSnapshot, request: PodRequest) -> Placement | None:
-        best: tuple[tuple[float, str], Placement] | None = None
-        for state in snapshot.nodes.values():
-            placement = self._place_on(snapshot, state, request)
-            if placement is None:
+        """kube-scheduler's default scoring: the least allocated node that fits."""
+        best: tuple[tuple[float, str], NodeState] | None = None
+        for name, state in snapshot.nodes.items():
+            # cheap count checks first: most nodes of a busy cluster fail them
+            if (state.info.shape.gpu_count - state.used.bit_count()) < request.gpus:
                 continue
-            rank = (_allocated_fraction(state), state.name)
-            if best is None or rank < best[0]:
-                best = (rank, placement)
-        return None if best is None else best[1]
+            if request.cpu_milli > state.cpu_free() or request.memory_mib > state.memory_free():
+                continue
+            rank = (_allocated_fraction(state), name)
+            if (best is None or rank < best[0]) and self._place_on(snapshot, state, request):
+                best = (rank, state)
+        return None if best is None else self._place_on(snapshot, best[1], request)
 
     def _place_on(
         self, snapshot: ClusterSnapshot, state: NodeState, request: PodRequest

@@ -54,6 +54,7 @@ def filter_nodes(
     tables: dict[NodeShape, tuple[bytearray, Rejection | None]] = {}
     shortages: dict[int, Rejection] = {}
     tier = request.tier if request.aligned_only else Tier.NODE
+    blocks = snapshot.has_blocks()
     for name in snapshot.nodes if names is None else names:
         state = snapshot.nodes.get(name)
         if state is None:
@@ -64,7 +65,9 @@ def filter_nodes(
         if facts is None:
             facts = tables[shape] = _shape_facts(shape, request, tier)
         holds, never = facts
-        free = shape.full_mask & ~state.used & ~snapshot.blocked_for(name, request.uid)
+        free = shape.full_mask & ~state.used
+        if blocks:
+            free &= ~snapshot.blocked_for(name, request.uid)
         if holds[free]:
             outcome = fit_node(snapshot, state, request)
         elif never is not None:
@@ -113,12 +116,15 @@ def best_placement(snapshot: ClusterSnapshot, request: PodRequest) -> Placement 
     tier = request.tier if request.aligned_only else Tier.NODE
     tables: dict[NodeShape, bytearray] = {}
     ignore_tier = request.mode is TopologyMode.NONE
+    blocks = snapshot.has_blocks()
     for name, state in snapshot.nodes.items():
         shape = state.info.shape
         holds = tables.get(shape)
         if holds is None:
             holds = tables[shape] = _shape_facts(shape, request, tier)[0]
-        free = shape.full_mask & ~state.used & ~snapshot.blocked_for(name, request.uid)
+        free = shape.full_mask & ~state.used
+        if blocks:
+            free &= ~snapshot.blocked_for(name, request.uid)
         if not holds[free] or request.cpu_milli > state.cpu_free():
             continue
         if request.memory_mib > state.memory_free():

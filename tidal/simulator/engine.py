@@ -262,7 +262,6 @@ class Replay:
                 self.pending_batch.append(uid)
             else:
                 self._start_job(job, placement)
-                room = self._largest_free_count()
 
     def _largest_free_count(self) -> int:
         snapshot = self.snapshot

@@ -54,10 +54,10 @@ class NodeShape:
     quality: list[int] = field(repr=False)
     bottleneck: list[int] = field(repr=False)
     _lazy: dict[object, object] = field(default_factory=dict, repr=False)
+    full_mask: int = field(init=False, repr=False)  # every GPU of the node
 
-    @property
-    def full_mask(self) -> int:
-        return (1 << self.gpu_count) - 1
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "full_mask", (1 << self.gpu_count) - 1)
 
     def is_aligned(self, mask: int, tier: Tier) -> bool:
         return tier is Tier.RACK or bool(self.aligned_tiers[mask] >> tier & 1)

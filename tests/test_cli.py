@@ -61,3 +61,10 @@ def test_every_subcommand_has_help() -> None:
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_plan_scenario_missing_field_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nodes: [{name: a, preset: dgx-h100}]\n")
+    result = runner.invoke(app, ["plan", str(bad)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "missing field 'request'" in result.output

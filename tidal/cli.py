@@ -174,7 +174,9 @@ def _load_plan_scenario(path: Path) -> tuple[ClusterSnapshot, PodRequest]:
         raise typer.BadParameter(f"{path}: {err}", param_hint="SCENARIO") from err
     try:
         return _scenario(spec)
-    except (KeyError, TypeError, ValueError, TopologyError) as err:
+    except KeyError as err:
+        raise typer.BadParameter(f"{path}: missing field {err}", param_hint="SCENARIO") from err
+    except (TypeError, ValueError, TopologyError) as err:
         raise typer.BadParameter(f"{path}: {err}", param_hint="SCENARIO") from err
 
 

@@ -73,7 +73,7 @@ def filter_nodes(
         elif never is not None:
             outcome = never
         elif request.cpu_milli > state.info.cpu_milli or request.memory_mib > state.info.memory_mib:
-            outcome = static_rejection(state, request) or never or _NOT_CACHED
+            outcome = static_rejection(state, request) or _shortage(free, request)
         else:
             count = free.bit_count()
             outcome = shortages.get(count) or shortages.setdefault(count, _shortage(free, request))

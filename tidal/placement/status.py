@@ -25,7 +25,6 @@ INSUFFICIENT_GPUS = "insufficient nvidia.com/gpu: {free} free, {need} needed"
 NO_FREE_ALIGNED_SET = "no {need} free GPUs aligned at tier {tier} ({free} free)"
 INSUFFICIENT_CPU = "insufficient cpu: {free}m free, {need}m needed"
 INSUFFICIENT_MEMORY = "insufficient memory: {free}Mi free, {need}Mi needed"
-RESERVED_ELSEWHERE = "pod holds a reservation on node {node}"
 PROTECTED = "not enough GPUs held by lower-priority preemptible pods"
 
 FITS_WITHOUT_PREEMPTION = "pod fits without preemption"

@@ -104,7 +104,7 @@ class Replay:
                 break
             self.snapshot.now = event.time
             getattr(self, f"_on_{event.kind}")(event.data)
-        self.metrics.finish(self.snapshot, self.jobs.values())
+        self.metrics.finish(self.snapshot, set(self.binding))
         return self.metrics
 
     # -- events ------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ class Replay:
         if job.epoch != epoch or job.run_start is None:
             return  # preempted since this completion was planned
         self.snapshot.remove_pod(uid)
-        self.metrics.job_completed(job.spec, self.snapshot.now)
+        self.metrics.job_completed(job.spec)
         job.run_start = None
         job.remaining_s = 0
         self._schedule_batch()
@@ -224,14 +224,13 @@ class Replay:
         """(demanded, served) replica-equivalents: a replica on a weaker tier serves less."""
         demanded = served = 0.0
         throughput = self.scenario.tier_throughput
-        for service, running in self.replicas.items():
+        for running in self.replicas.values():
             demanded += len(running)
             for replica in running:
                 if replica.node is None or replica.tier is None:
                     continue
                 tp1 = replica.service.tensor_parallel == 1
                 served += 1.0 if tp1 else throughput.get(replica.tier.label, 0.5)
-            del service
         return demanded, served
 
     # -- batch -------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,10 +53,9 @@ class Metrics:
     def decision(self, verb: str, seconds: float) -> None:
         self.latency_s[verb].append(seconds)
 
-    def job_completed(self, job: BatchJob, now: float) -> None:
+    def job_completed(self, job: BatchJob) -> None:
         self.jobs_completed += 1
         self.goodput_gpu_seconds += job.work_s * job.gpus
-        del now
 
     def sample(self, now: float, snapshot: ClusterSnapshot, served: tuple[float, float]) -> None:
         used = sum(s.used.bit_count() for s in snapshot.nodes.values())
@@ -74,11 +72,9 @@ class Metrics:
             }
         )
 
-    def finish(self, snapshot: ClusterSnapshot, jobs: Iterable[Any]) -> None:
-        self.leaked_reservations = sum(
-            1 for r in snapshot.reservations.values() if r.expires_at < snapshot.now
-        )
-        del jobs
+    def finish(self, snapshot: ClusterSnapshot, binding: set[str]) -> None:
+        """Reservations still held at the end by preemptors that are not waiting to bind."""
+        self.leaked_reservations = sum(1 for uid in snapshot.reservations if uid not in binding)
 
     def summary(self) -> dict[str, Any]:
         demand = sum(s["online_demand"] for s in self.series)

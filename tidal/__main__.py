@@ -1,0 +1,3 @@
+from tidal.cli import app
+
+app(prog_name="tidal")

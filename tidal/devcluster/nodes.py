@@ -1,0 +1,60 @@
+"""Fake GPU nodes from topology presets, as Node manifests KWOK will manage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tidal.topology import load_preset
+
+GPU_RESOURCE = "nvidia.com/gpu"
+KWOK_ANNOTATION = "kwok.x-k8s.io/node"
+KWOK_SELECTOR = f"{KWOK_ANNOTATION}=fake"
+PRESET_LABEL = "tidal.dev/topology-preset"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+# Host memory per GPU on the fake nodes; real GPU servers carry 1–2 TiB for 8 GPUs.
+_HOST_MEMORY_GIB_PER_GPU = 128
+
+
+def gpu_node(name: str, preset: str) -> dict[str, Any]:
+    """A Node with the preset's GPUs as ``nvidia.com/gpu`` capacity, its cores and memory, the
+    labels tidal and GPU feature discovery set, and the KWOK annotation.
+
+    Status is set at creation (as a kubelet does when it registers), so the scheduler sees the
+    capacity before KWOK's first update.
+    """
+    topology = load_preset(preset)
+    cores = sum(topology.cpu_cores().values())
+    memory_gib = max(1, topology.gpu_count) * _HOST_MEMORY_GIB_PER_GPU
+    resources = {
+        "cpu": str(cores),
+        "memory": f"{memory_gib}Gi",
+        "pods": "110",
+        GPU_RESOURCE: str(topology.gpu_count),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": {KWOK_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "type": "kwok",
+                PRESET_LABEL: preset,
+                GPU_PRODUCT_LABEL: topology.gpu_model.replace(" ", "-"),
+                "nvidia.com/gpu.count": str(topology.gpu_count),
+            },
+        },
+        "spec": {},
+        "status": {"capacity": resources, "allocatable": dict(resources)},
+    }
+
+
+def node_names(count: int, presets: list[str], prefix: str = "gpu-node") -> list[tuple[str, str]]:
+    """``count`` (name, preset) pairs cycling through ``presets``; names are stable so a
+    re-run finds the same nodes."""
+    if not presets:
+        raise ValueError("presets: give at least one topology preset")
+    return [(f"{prefix}-{i:05d}", presets[i % len(presets)]) for i in range(count)]

@@ -12,9 +12,11 @@ from tidal.placement import (
     CostOrder,
     GangRequest,
     KubernetesDefault,
+    NodeInfo,
     NoPlan,
     PdbInfo,
     Plan,
+    PodInfo,
     PodRequest,
     Reservation,
     SubsetEnumeration,
@@ -23,7 +25,7 @@ from tidal.placement import (
     filter_nodes,
     plan_gang,
 )
-from tidal.topology import Tier, bits, mask_of
+from tidal.topology import Tier, bits, compile_shape, load_preset, mask_of
 
 ONLINE = 1000
 BATCH = 10
@@ -276,3 +278,17 @@ def test_victims_of_a_reservation_stay_blocked_until_evicted() -> None:
     snap.now = 10.0
     assert [r.preemptor for r in snap.expire_reservations()] == ["p1"]
     assert snap.promised_to("a") is None
+
+
+def test_snapshot_set_node_keeps_pods_and_remove_node_drops_them() -> None:
+    shape = compile_shape(load_preset("dgx-h100"))
+    snapshot = ClusterSnapshot([NodeInfo("n1", shape, 100_000, 1 << 20)])
+    snapshot.add_pod(PodInfo("u1", "p1", "n1", gpus=0b11, priority=1))
+    snapshot.set_node(NodeInfo("n1", shape, 50_000, 1 << 19))
+    assert snapshot.nodes["n1"].info.cpu_milli == 50_000
+    assert snapshot.nodes["n1"].used == 0b11
+    small = compile_shape(load_preset("single-gpu"))
+    with pytest.raises(ValueError, match="lost"):
+        snapshot.set_node(NodeInfo("n1", small, 1, 1))
+    assert [p.uid for p in snapshot.remove_node("n1")] == ["u1"]
+    assert "n1" not in snapshot.nodes and "u1" not in snapshot.pods

@@ -26,6 +26,7 @@ from tidal.placement import (
     TopologyMode,
     make_policy,
 )
+from tidal.scheduler_extender.cli import extender_command
 from tidal.simulator import Scenario, ScenarioError, load_scenario, simulate
 from tidal.simulator.data import DataError
 from tidal.topology import (
@@ -45,6 +46,7 @@ app = typer.Typer(
 topo_app = typer.Typer(help="Inspect GPU topology presets.", no_args_is_help=True)
 app.add_typer(topo_app, name="topo")
 app.add_typer(dev_cluster_app, name="dev-cluster")
+app.command("extender")(extender_command)
 console = Console()
 
 

@@ -6,10 +6,11 @@ import json
 import shutil
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,14 @@ SERVICE_CIDR = "10.96.0.0/16"
 # Components in start order; stop goes in reverse.
 # Popen objects of detached clusters, kept so their finalizers never run while we live.
 _DETACHED: list[subprocess.Popen[bytes]] = []
-ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+ORDER = (
+    "etcd",
+    "kube-apiserver",
+    "tidal-extender",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+)
 
 
 def node_ready(node: Any) -> bool:
@@ -69,7 +77,8 @@ class ExtenderConfig:
 class ClusterOptions:
     workdir: Path | None = None  # a fresh temporary directory when None
     controller_manager: bool = False  # garbage collection, Jobs, ServiceAccounts
-    extender: ExtenderConfig | None = None
+    extender: ExtenderConfig | None = None  # an extender running elsewhere
+    run_extender: bool = False  # run `tidal extender` as a component and point the scheduler at it
     scheduler_qps: int = 5000  # client-go's 50/100 defaults cap scheduling throughput
     startup_timeout_s: float = 90.0
 
@@ -154,9 +163,11 @@ class LocalCluster:
         binaries = self.binaries or find_binaries()
         started = time.monotonic()
         pki = make_pki(self.workdir / "pki")
-        ports = {
-            name: free_port() for name in ("etcd", "peer", "apiserver", "kcm", "sched", "kwok")
-        }
+        names = ("etcd", "peer", "apiserver", "kcm", "sched", "kwok", "extender")
+        ports = {name: free_port() for name in names}
+        if self.options.run_extender:
+            url = f"http://127.0.0.1:{ports['extender']}"
+            self.options = replace(self.options, extender=ExtenderConfig(url))
         server = f"https://127.0.0.1:{ports['apiserver']}"
         self.kubeconfig.write_text(yaml.safe_dump(kubeconfig_for(server, pki)))
         sched_config = self.workdir / "scheduler-config.yaml"
@@ -364,16 +375,34 @@ class LocalCluster:
                     "--max-requests-inflight=2000",
                     "--max-mutating-requests-inflight=1000",
                     "--profiling=false",
+                    # Without a controller manager nobody creates ServiceAccounts or lifts the
+                    # not-ready taint that TaintNodesByCondition puts on every new node.
                     *(
                         []
                         if self.options.controller_manager
-                        else ["--disable-admission-plugins=ServiceAccount"]
+                        else ["--disable-admission-plugins=ServiceAccount,TaintNodesByCondition"]
                     ),
                 ],
                 log / "kube-apiserver.log",
                 lambda: http_ok(f"{server}/readyz", api_tls),
             ),
         ]
+        if self.options.run_extender:
+            components.append(
+                Component(
+                    "tidal-extender",
+                    [
+                        sys.executable,
+                        "-m",
+                        "tidal",
+                        "extender",
+                        f"--kubeconfig={kubeconfig}",
+                        f"--port={ports['extender']}",
+                    ],
+                    log / "tidal-extender.log",
+                    lambda: http_ok(f"http://127.0.0.1:{ports['extender']}/readyz"),
+                )
+            )
         if self.options.controller_manager:
             components.append(
                 Component(
@@ -404,6 +433,8 @@ class LocalCluster:
                     *auth,
                     f"--secure-port={ports['sched']}",
                     "--bind-address=127.0.0.1",
+                    # Benchmarks read /metrics; the port is on 127.0.0.1 only.
+                    "--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics",
                     "--v=2",
                 ],
                 log / "kube-scheduler.log",

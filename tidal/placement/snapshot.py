@@ -280,6 +280,25 @@ class ClusterSnapshot:
         self._index_pod(pod)
         self.nodes[pod.node] = NodeState.build(state.info, (*state.pods, pod))
 
+    def set_node(self, info: NodeInfo) -> None:
+        """Add a node, or replace its facts (shape, allocatable, labels) keeping its pods."""
+        state = self.nodes.get(info.name)
+        pods = state.pods if state is not None else ()
+        for pod in pods:
+            if pod.gpus & ~info.shape.full_mask:
+                raise ValueError(f"node {info.name}: pod {pod.name} holds GPUs the node lost")
+        self.nodes[info.name] = NodeState.build(info, pods)
+
+    def remove_node(self, name: str) -> list[PodInfo]:
+        """Forget a node and the pods bound to it; returns those pods."""
+        state = self.nodes.get(name)
+        if state is None:
+            return []
+        removed = [self.remove_pod(pod.uid) for pod in state.pods]
+        del self.nodes[name]
+        self._blocked.pop(name, None)
+        return removed
+
     def remove_pod(self, uid: str) -> PodInfo:
         pod = self.pods.pop(uid)
         if pod.gang:

@@ -1,0 +1,208 @@
+"""Scheduling throughput of the real kube-scheduler on KWOK GPU nodes (tidal.devcluster).
+
+    python bench/k8s_throughput.py [--nodes 500,1000] [--pods-per-node 2] [--out bench/results]
+
+For each cluster size: a fresh control plane (etcd, kube-apiserver, kube-scheduler with the
+`tidal-scheduler` profile, KWOK), N fake 8-GPU nodes (DGX H100 and DGX-1V in equal parts), then
+M pods of 1, 2 or 4 GPUs created while the scheduler is stopped. The scheduler is started and
+the clock runs from the moment it answers /healthz until every pod is bound, so the number is
+the scheduler's (with the extender, once configured), not the Python client's pod creation rate.
+Per-attempt latency comes from the scheduler's own histogram
+`scheduler_scheduling_attempt_duration_seconds`. The extender issue adds an `--extender` run
+beside this one on the same pods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import ssl
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+from prometheus_client.parser import text_string_to_metric_families
+
+from tidal.devcluster import ClusterOptions, LocalCluster
+from tidal.devcluster.nodes import node_names
+
+PRESETS = ["dgx-h100", "dgx1-v100"]
+GPU_SIZES = (1, 1, 2, 4)  # mean 2 GPUs: two pods per node fill half of the cluster's GPUs
+NAMESPACE = "bench"
+
+
+def pod(name: str, gpus: int) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name},
+        "spec": {
+            "schedulerName": "tidal-scheduler",
+            "terminationGracePeriodSeconds": 0,
+            "containers": [
+                {
+                    "name": "w",
+                    "image": "tidal/worker:bench",
+                    "resources": {
+                        "requests": {"cpu": "1", "memory": "4Gi"},
+                        "limits": {"nvidia.com/gpu": str(gpus)},
+                    },
+                }
+            ],
+        },
+    }
+
+
+def scheduler_metrics(local: LocalCluster) -> dict[str, Any]:
+    """The scheduler's Prometheus families, read over its secure port as the admin user."""
+    pki = local.workdir / "pki"
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+    port = json.loads((local.workdir / "state.json").read_text())["ports"]["sched"]
+    with urllib.request.urlopen(
+        f"https://127.0.0.1:{port}/metrics", context=context, timeout=10
+    ) as response:
+        text = response.read().decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def scheduled_count(local: LocalCluster) -> int:
+    family = scheduler_metrics(local).get("scheduler_schedule_attempts")
+    if family is None:
+        return 0
+    return int(
+        sum(
+            s.value
+            for s in family.samples
+            if s.labels.get("result") == "scheduled" and s.name.endswith("_total")
+        )
+    )
+
+
+def histogram_quantile(family: Any, quantile: float) -> float:
+    """Prometheus-style quantile over the cumulative buckets of all label sets, summed."""
+    buckets: dict[float, float] = {}
+    for sample in family.samples:
+        if sample.name.endswith("_bucket"):
+            bound = float(sample.labels["le"])
+            buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    ordered = sorted(buckets.items())
+    total = ordered[-1][1] if ordered else 0.0
+    if total == 0:
+        return float("nan")
+    rank = quantile * total
+    previous_bound, previous_count = 0.0, 0.0
+    for bound, count in ordered:
+        if count >= rank:
+            if bound == float("inf"):
+                return previous_bound
+            share = (rank - previous_count) / max(count - previous_count, 1e-12)
+            return previous_bound + (bound - previous_bound) * share
+        previous_bound, previous_count = bound, count
+    return previous_bound
+
+
+def timed(label: str, action: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.monotonic()
+    result = action()
+    elapsed = time.monotonic() - started
+    print(f"  {label}: {elapsed:.1f} s", flush=True)
+    return result, elapsed
+
+
+def run_size(nodes: int, pods_per_node: float, seed: int) -> dict[str, Any]:
+    local = LocalCluster(ClusterOptions(controller_manager=False))
+    try:
+        local.start()
+        core = client.CoreV1Api(local.api_client(pool_size=32))
+        names, node_s = timed(
+            f"create {nodes} nodes",
+            lambda: local.add_gpu_nodes(node_names(nodes, PRESETS), workers=32),
+        )
+        local.wait_nodes_ready(names, timeout_s=600)
+        core.create_namespace({"metadata": {"name": NAMESPACE}})
+        local.components["kube-scheduler"].stop()
+        rng = random.Random(seed)
+        count = int(nodes * pods_per_node)
+        sizes = [rng.choice(GPU_SIZES) for _ in range(count)]
+        with ThreadPoolExecutor(32) as pool:
+            _, pod_s = timed(
+                f"create {count} pods (scheduler stopped)",
+                lambda: list(
+                    pool.map(
+                        lambda i: core.create_namespaced_pod(NAMESPACE, pod(f"p{i:06d}", sizes[i])),
+                        range(count),
+                    )
+                ),
+            )
+        scheduler = local.components["kube-scheduler"]
+        scheduler.start()
+        scheduler.wait_healthy(120)
+        ready_at = time.monotonic()
+        while scheduled_count(local) < count:
+            if time.monotonic() - ready_at > 1800:
+                raise RuntimeError("pods not bound within 30 min")
+            time.sleep(0.25)
+        bind_s = time.monotonic() - ready_at
+        unbound = [
+            p.metadata.name
+            for p in core.list_namespaced_pod(NAMESPACE).items
+            if not p.spec.node_name
+        ]
+        if unbound:
+            raise RuntimeError(f"{len(unbound)} pods counted scheduled but unbound")
+        attempts = scheduler_metrics(local)["scheduler_scheduling_attempt_duration_seconds"]
+        row = {
+            "nodes": nodes,
+            "pods": count,
+            "gpus_requested": sum(sizes),
+            "seconds_to_bind_all": round(bind_s, 2),
+            "pods_per_second": round(count / bind_s, 1),
+            "attempt_p50_ms": round(histogram_quantile(attempts, 0.5) * 1000, 2),
+            "attempt_p99_ms": round(histogram_quantile(attempts, 0.99) * 1000, 2),
+            "node_create_s": round(node_s, 1),
+            "pod_create_s": round(pod_s, 1),
+        }
+        print(f"  {row}", flush=True)
+        return row
+    finally:
+        local.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", default="500,1000", help="comma-separated cluster sizes")
+    parser.add_argument("--pods-per-node", type=float, default=2.0)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    rows = []
+    for nodes in [int(n) for n in args.nodes.split(",")]:
+        print(f"{nodes} nodes", flush=True)
+        rows.append(run_size(nodes, args.pods_per_node, args.seed))
+    print("\n| nodes | pods | pods/s | s to bind all | attempt p50 / p99 ms |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['nodes']} | {r['pods']} | {r['pods_per_second']} | "
+            f"{r['seconds_to_bind_all']} | {r['attempt_p50_ms']} / {r['attempt_p99_ms']} |"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": "python bench/k8s_throughput.py " + " ".join(sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "scheduler_alone": rows,
+    }
+    (args.out / "k8s_throughput.json").write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

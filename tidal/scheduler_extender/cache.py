@@ -1,0 +1,298 @@
+"""The extender's view of the cluster: one live ClusterSnapshot fed by watch events.
+
+The API server is the source of truth: GPU sets come from the ``tidal.dev/gpus`` annotation of
+bound pods, reservations from the ``tidal.dev/reservation`` annotation of pending preemptors, so a
+restarted extender rebuilds exactly what it had from one list of each kind. Every method takes
+the lock: watch threads write, HTTP handlers read and plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from tidal.placement import ClusterSnapshot, PdbInfo, PodInfo, Reservation, first_free_gpus
+from tidal.scheduler_extender.translate import (
+    GPUS,
+    RESERVATION,
+    ObjectError,
+    ReservationRecord,
+    annotations_of,
+    is_terminal,
+    node_info,
+    parse_gpu_list,
+    pod_gpus,
+    pod_info,
+    pod_key,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Pdb:
+    namespace: str
+    match_labels: dict[str, str]
+    expressions: tuple[dict[str, Any], ...]
+    allowed: int
+
+    def selects(self, namespace: str, labels: dict[str, str]) -> bool:
+        if namespace != self.namespace:
+            return False
+        if any(labels.get(k) != v for k, v in self.match_labels.items()):
+            return False
+        return all(_expression_holds(e, labels) for e in self.expressions)
+
+
+def _expression_holds(expression: dict[str, Any], labels: dict[str, str]) -> bool:
+    key, operator = expression.get("key", ""), expression.get("operator", "")
+    values = expression.get("values") or []
+    if operator == "In":
+        return labels.get(key) in values
+    if operator == "NotIn":
+        return labels.get(key) not in values
+    if operator == "Exists":
+        return key in labels
+    if operator == "DoesNotExist":
+        return key not in labels
+    return False
+
+
+class ClusterCache:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.lock = threading.RLock()
+        self.clock = clock
+        self.snapshot = ClusterSnapshot([], now=clock())
+        self.node_problems: dict[str, str] = {}  # nodes seen but unusable, with the reason
+        self.pending: dict[str, dict[str, Any]] = {}  # unbound GPU pods by UID
+        self.pods_by_key: dict[str, str] = {}  # namespace/name -> UID of every GPU pod known
+        self._raw_bound: dict[str, dict[str, Any]] = {}  # bound GPU pods by UID (for PDB refresh)
+        self._orphans: dict[str, dict[str, dict[str, Any]]] = {}  # node -> UID -> pod
+        self._assumed: dict[str, int] = {}  # UID -> GPU mask chosen at bind, until the watch says
+        self._pdbs: dict[str, Pdb] = {}
+        self.synced: set[str] = set()
+
+    # -- clock and reservations -------------------------------------------------------------
+    def tick(self) -> list[Reservation]:
+        """Advance the snapshot's clock; drop and return expired reservations."""
+        with self.lock:
+            self.snapshot.now = self.clock()
+            return self.snapshot.expire_reservations()
+
+    def reserve(self, reservation: Reservation) -> None:
+        with self.lock:
+            self.snapshot.reserve(reservation)
+
+    def release(self, preemptor_uid: str) -> None:
+        with self.lock:
+            self.snapshot.release(preemptor_uid)
+
+    # -- pods -------------------------------------------------------------------------------
+    def upsert_pod(self, pod: dict[str, Any]) -> None:
+        uid = (pod.get("metadata") or {}).get("uid")
+        if not uid:
+            return
+        with self.lock:
+            try:
+                gpus = pod_gpus(pod)
+            except ObjectError as error:
+                log.warning("ignoring pod: %s", error)
+                return
+            if gpus == 0 or is_terminal(pod):
+                self.delete_pod(uid)
+                return
+            self.pods_by_key[pod_key(pod)] = uid
+            node = (pod.get("spec") or {}).get("nodeName")
+            if node:
+                self._upsert_bound(uid, node, pod)
+            else:
+                self._upsert_pending(uid, pod)
+
+    def _upsert_pending(self, uid: str, pod: dict[str, Any]) -> None:
+        self.pending[uid] = pod
+        text = annotations_of(pod).get(RESERVATION)
+        if text is None:
+            return
+        try:
+            record = ReservationRecord.parse(text, pod_key(pod))
+        except ObjectError as error:
+            log.warning("ignoring reservation: %s", error)
+            return
+        current = self.snapshot.reservations.get(uid)
+        wanted = record.reservation(uid)
+        if current != wanted and record.expires_at > self.snapshot.now:
+            self.snapshot.reserve(wanted)
+
+    def _upsert_bound(self, uid: str, node: str, pod: dict[str, Any]) -> None:
+        self.pending.pop(uid, None)
+        self.snapshot.release(uid)
+        self._raw_bound[uid] = pod
+        state = self.snapshot.nodes.get(node)
+        if state is None:
+            self._drop_from_snapshot(uid)
+            self._orphans.setdefault(node, {})[uid] = pod
+            return
+        try:
+            info = self._bound_info(
+                uid, pod, state.info.shape.gpu_count, state.info.shape.full_mask
+            )
+        except ObjectError as error:
+            log.warning("pod holds GPUs the extender cannot place: %s", error)
+            return
+        old = self.snapshot.pods.get(uid)
+        if old == info:
+            return
+        if old is not None:
+            self.snapshot.remove_pod(uid)
+        try:
+            self.snapshot.add_pod(info)
+        except ValueError as error:
+            # Two pods claim one GPU: only possible if something bound outside tidal.
+            log.error("GPU conflict on node %s: %s", node, error)
+        self._assumed.pop(uid, None)
+
+    def _bound_info(self, uid: str, pod: dict[str, Any], gpu_count: int, full: int) -> PodInfo:
+        text = annotations_of(pod).get(GPUS)
+        node = pod["spec"]["nodeName"]
+        if text is not None:
+            mask = parse_gpu_list(text, pod_key(pod), gpu_count)
+        elif uid in self._assumed:
+            mask = self._assumed[uid]
+        else:
+            # Bound without tidal (no annotation): hold the lowest free GPUs, as a
+            # topology-blind device plugin would hand out.
+            old = self.snapshot.pods.get(uid)
+            used = self.snapshot.nodes[node].used & ~(old.gpus if old else 0)
+            mask = first_free_gpus(full & ~used, pod_gpus(pod)) or 0
+        info = pod_info(pod, mask)
+        return replace(info, pdb=self._pdb_of(pod))
+
+    def bound_pod(self, uid: str) -> dict[str, Any] | None:
+        with self.lock:
+            return self._raw_bound.get(uid)
+
+    def assume(self, uid: str, gpus: int, pod: dict[str, Any]) -> None:
+        """Record a binding the extender just made, before its watch event arrives."""
+        with self.lock:
+            self._assumed[uid] = gpus
+            self._upsert_bound(uid, pod["spec"]["nodeName"], pod)
+
+    def delete_pod(self, uid: str) -> None:
+        with self.lock:
+            pod = self.pending.pop(uid, None) or self._raw_bound.pop(uid, None)
+            if pod is not None:
+                self.pods_by_key.pop(pod_key(pod), None)
+            self._drop_from_snapshot(uid)
+            self.snapshot.release(uid)
+            self._assumed.pop(uid, None)
+            for orphans in self._orphans.values():
+                orphans.pop(uid, None)
+
+    def _drop_from_snapshot(self, uid: str) -> None:
+        if uid in self.snapshot.pods:
+            self.snapshot.remove_pod(uid)
+
+    # -- nodes ------------------------------------------------------------------------------
+    def upsert_node(self, node: dict[str, Any]) -> None:
+        name = (node.get("metadata") or {}).get("name", "")
+        with self.lock:
+            try:
+                info = node_info(node)
+            except ObjectError as error:
+                self.node_problems[name] = str(error)
+                self._park_node_pods(name)
+                return
+            self.node_problems.pop(name, None)
+            try:
+                self.snapshot.set_node(info)
+            except ValueError as error:
+                self.node_problems[name] = str(error)
+                return
+            for uid, pod in self._orphans.pop(name, {}).items():
+                self._upsert_bound(uid, name, pod)
+
+    def delete_node(self, name: str) -> None:
+        with self.lock:
+            self.node_problems.pop(name, None)
+            self._park_node_pods(name)
+
+    def _park_node_pods(self, name: str) -> None:
+        for pod in self.snapshot.remove_node(name):
+            self._orphans.setdefault(name, {})[pod.uid] = self._raw_bound[pod.uid]
+
+    # -- PodDisruptionBudgets ---------------------------------------------------------------
+    def upsert_pdb(self, pdb: dict[str, Any]) -> None:
+        meta = pdb.get("metadata") or {}
+        key = f"{meta.get('namespace')}/{meta.get('name')}"
+        selector = (pdb.get("spec") or {}).get("selector") or {}
+        allowed = int((pdb.get("status") or {}).get("disruptionsAllowed") or 0)
+        with self.lock:
+            self._pdbs[key] = Pdb(
+                namespace=meta.get("namespace", ""),
+                match_labels=selector.get("matchLabels") or {},
+                expressions=tuple(selector.get("matchExpressions") or ()),
+                allowed=allowed,
+            )
+            self.snapshot.pdbs[key] = PdbInfo(key, allowed)
+            self._refresh_pdb_members(meta.get("namespace", ""))
+
+    def delete_pdb(self, key: str) -> None:
+        with self.lock:
+            pdb = self._pdbs.pop(key, None)
+            self.snapshot.pdbs.pop(key, None)
+            if pdb is not None:
+                self._refresh_pdb_members(pdb.namespace)
+
+    def _pdb_of(self, pod: dict[str, Any]) -> str | None:
+        meta = pod.get("metadata") or {}
+        namespace, labels = meta.get("namespace", ""), meta.get("labels") or {}
+        return next((k for k, p in self._pdbs.items() if p.selects(namespace, labels)), None)
+
+    def _refresh_pdb_members(self, namespace: str) -> None:
+        for uid, pod in list(self._raw_bound.items()):
+            if (pod.get("metadata") or {}).get("namespace") == namespace:
+                self._upsert_bound(uid, pod["spec"]["nodeName"], pod)
+
+    # -- relists ----------------------------------------------------------------------------
+    def replace(self, kind: str, objects: Iterable[dict[str, Any]]) -> None:
+        """Make the cache hold exactly ``objects`` of ``kind`` (after a list)."""
+        objects = list(objects)
+        with self.lock:
+            if kind == "nodes":
+                names = {o["metadata"]["name"] for o in objects}
+                for name in set(self.snapshot.nodes) | set(self.node_problems) - names:
+                    if name not in names:
+                        self.delete_node(name)
+                for node in objects:
+                    self.upsert_node(node)
+            elif kind == "pods":
+                uids = {o["metadata"]["uid"] for o in objects}
+                for uid in (set(self.pending) | set(self._raw_bound)) - uids:
+                    self.delete_pod(uid)
+                for pod in objects:
+                    self.upsert_pod(pod)
+            elif kind == "pdbs":
+                keys = {f"{o['metadata']['namespace']}/{o['metadata']['name']}" for o in objects}
+                for key in set(self._pdbs) - keys:
+                    self.delete_pdb(key)
+                for pdb in objects:
+                    self.upsert_pdb(pdb)
+            else:
+                raise ValueError(f"unknown kind {kind!r}")
+            self.synced.add(kind)
+
+    def apply(self, kind: str, event_type: str, obj: dict[str, Any]) -> None:
+        """One watch event."""
+        meta = obj.get("metadata") or {}
+        deleted = event_type == "DELETED"
+        if kind == "nodes":
+            self.delete_node(meta["name"]) if deleted else self.upsert_node(obj)
+        elif kind == "pods":
+            self.delete_pod(meta["uid"]) if deleted else self.upsert_pod(obj)
+        elif kind == "pdbs":
+            key = f"{meta.get('namespace')}/{meta.get('name')}"
+            self.delete_pdb(key) if deleted else self.upsert_pdb(obj)

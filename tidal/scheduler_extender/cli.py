@@ -1,0 +1,71 @@
+"""``tidal extender``: run the scheduler extender (flags or TIDAL_EXTENDER_* environment)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tidal.scheduler_extender.extender import ExtenderSettings
+
+
+def _existing_file(path: Path | None) -> Path | None:
+    if path is not None and not path.is_file():
+        raise typer.BadParameter(f"no such file: {path}")
+    return path
+
+
+def extender_command(
+    host: Annotated[
+        str, typer.Option(envvar="TIDAL_EXTENDER_HOST", help="Address to listen on.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(envvar="TIDAL_EXTENDER_PORT", min=1, max=65535, help="Port to listen on.")
+    ] = 8888,
+    kubeconfig: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="KUBECONFIG",
+            callback=_existing_file,
+            help="Kubeconfig; in-cluster config when unset.",
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(envvar="TIDAL_EXTENDER_TLS_CERT", callback=_existing_file)
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(envvar="TIDAL_EXTENDER_TLS_KEY", callback=_existing_file)
+    ] = None,
+    reservation_ttl: Annotated[
+        float,
+        typer.Option(
+            envvar="TIDAL_EXTENDER_RESERVATION_TTL",
+            min=1.0,
+            help="Seconds a preemptor's reservation holds its GPUs before it expires.",
+        ),
+    ] = 300.0,
+    log_level: Annotated[
+        str, typer.Option(envvar="TIDAL_EXTENDER_LOG_LEVEL", help="debug, info, warning, error.")
+    ] = "info",
+) -> None:
+    """Run the kube-scheduler HTTP extender (filter, prioritize, preempt, bind)."""
+    from tidal.scheduler_extender.run import ServeOptions, serve  # noqa: PLC0415 - heavy imports
+
+    if (tls_cert is None) != (tls_key is None):
+        raise typer.BadParameter("--tls-cert and --tls-key go together")
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise typer.BadParameter(
+            f"--log-level: {log_level!r} is not one of debug, info, warning, error"
+        )
+    serve(
+        ServeOptions(
+            host=host,
+            port=port,
+            kubeconfig=kubeconfig,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            settings=ExtenderSettings(reservation_ttl_s=reservation_ttl),
+            log_level=log_level,
+        )
+    )

@@ -1,0 +1,232 @@
+"""The extender's Kubernetes side: list+watch reflectors feeding the cache, and the actions
+(annotate, bind, evict, conditions, events) through the official client, as raw JSON."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
+
+from tidal.scheduler_extender.cache import ClusterCache
+from tidal.scheduler_extender.extender import ApiError
+
+log = logging.getLogger(__name__)
+COMPONENT = "tidal-scheduler-extender"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class KubeActions:
+    def __init__(self, api: client.ApiClient) -> None:
+        self.core = client.CoreV1Api(api)
+
+    def _call(self, what: str, action: Callable[[], Any]) -> Any:
+        try:
+            return action()
+        except ApiException as error:
+            body = error.body.decode() if isinstance(error.body, bytes) else str(error.body)
+            try:
+                message = orjson.loads(body).get("message", body)
+            except orjson.JSONDecodeError:
+                message = body or str(error.reason)
+            raise ApiError(int(error.status or 0), f"{what}: {message}") from None
+
+    def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            response = self.core.read_namespaced_pod(name, namespace, _preload_content=False)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise ApiError(int(error.status or 0), f"get pod {namespace}/{name}") from None
+        pod: dict[str, Any] = orjson.loads(response.data)
+        return pod
+
+    def annotate_pod(self, namespace: str, name: str, values: dict[str, str | None]) -> None:
+        body = {"metadata": {"annotations": values}}
+        self._call(
+            f"annotate pod {namespace}/{name}",
+            lambda: self.core.patch_namespaced_pod(name, namespace, body),
+        )
+
+    def bind(self, namespace: str, name: str, uid: str, node: str) -> None:
+        binding = {
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": name, "namespace": namespace, "uid": uid},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+        }
+        self._call(
+            f"bind pod {namespace}/{name} to {node}",
+            lambda: self.core.create_namespaced_binding(namespace, binding, _preload_content=False),
+        )
+
+    def mark_disruption_target(self, namespace: str, name: str, message: str) -> None:
+        condition = {
+            "type": "DisruptionTarget",
+            "status": "True",
+            "reason": "PreemptionByScheduler",
+            "message": message,
+            "lastTransitionTime": _now(),
+        }
+        body = {"status": {"conditions": [condition]}}
+        # Strategic merge on conditions keys by type, so other conditions stay.
+        self._call(
+            f"mark pod {namespace}/{name} as disruption target",
+            lambda: self.core.patch_namespaced_pod_status(name, namespace, body),
+        )
+
+    def evict(self, namespace: str, name: str) -> None:
+        eviction = {
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": name, "namespace": namespace},
+        }
+        try:
+            self.core.create_namespaced_pod_eviction(name, namespace, eviction)
+        except ApiException as error:
+            if error.status == 404:
+                return  # already gone
+            raise ApiError(
+                int(error.status or 0), f"evict {namespace}/{name}: {error.reason}"
+            ) from None
+
+    def record_event(self, pod: dict[str, Any], reason: str, message: str) -> None:
+        meta = pod["metadata"]
+        event = {
+            "metadata": {
+                "name": f"{meta['name']}.{uuid.uuid4().hex[:10]}",
+                "namespace": meta["namespace"],
+            },
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "reason": reason,
+            "message": message,
+            "type": "Normal",
+            "source": {"component": COMPONENT},
+            "firstTimestamp": _now(),
+            "lastTimestamp": _now(),
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], event)
+        except ApiException as error:  # an event is best effort
+            log.warning("event for %s/%s not recorded: %s", meta["namespace"], meta["name"], error)
+
+
+class Reflector(threading.Thread):
+    """List, then watch from the list's resourceVersion; relist on 410 Gone or errors.
+    Objects stay raw dicts (orjson), which is several times cheaper than client models."""
+
+    def __init__(
+        self,
+        kind: str,
+        list_call: Callable[..., Any],
+        cache: ClusterCache,
+        stop: threading.Event,
+        watch_timeout_s: int = 300,
+    ) -> None:
+        super().__init__(name=f"reflector-{kind}", daemon=True)
+        self.kind = kind
+        self.list_call = list_call
+        self.cache = cache
+        self.stop_event = stop
+        self.watch_timeout_s = watch_timeout_s
+
+    def run(self) -> None:
+        backoff = 0.5
+        while not self.stop_event.is_set():
+            try:
+                version = self._list()
+                backoff = 0.5
+                while not self.stop_event.is_set():
+                    version = self._watch(version)
+            except _WatchExpiredError:
+                log.info("%s watch expired; relisting", self.kind)
+            except Exception as error:  # any failure: back off and relist
+                log.warning(
+                    "%s reflector error: %s; relisting in %.1f s", self.kind, error, backoff
+                )
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def _list(self) -> str:
+        response = self.list_call(_preload_content=False)
+        body = orjson.loads(response.data)
+        self.cache.replace(self.kind, body.get("items") or [])
+        version: str = body["metadata"]["resourceVersion"]
+        log.info(
+            "%s listed: %d objects at resourceVersion %s",
+            self.kind,
+            len(body["items"] or []),
+            version,
+        )
+        return version
+
+    def _watch(self, version: str) -> str:
+        response = self.list_call(
+            watch=True,
+            resource_version=version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=self.watch_timeout_s,
+            _preload_content=False,
+        )
+        try:
+            for line in iter_resp_lines(response):
+                if self.stop_event.is_set():
+                    break
+                event = orjson.loads(line)
+                kind, obj = event["type"], event["object"]
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        raise _WatchExpiredError
+                    raise RuntimeError(obj.get("message", "watch error"))
+                version = obj["metadata"]["resourceVersion"]
+                if kind != "BOOKMARK":
+                    self.cache.apply(self.kind, kind, obj)
+        finally:
+            response.release_conn()
+        return version
+
+
+class _WatchExpiredError(Exception):
+    pass
+
+
+def start_reflectors(
+    api: client.ApiClient, cache: ClusterCache, stop: threading.Event
+) -> list[Reflector]:
+    core = client.CoreV1Api(api)
+    policy = client.PolicyV1Api(api)
+    reflectors = [
+        Reflector("nodes", core.list_node, cache, stop),
+        Reflector("pods", core.list_pod_for_all_namespaces, cache, stop),
+        Reflector("pdbs", policy.list_pod_disruption_budget_for_all_namespaces, cache, stop),
+    ]
+    for reflector in reflectors:
+        reflector.start()
+    return reflectors
+
+
+def wait_synced(cache: ClusterCache, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if {"nodes", "pods", "pdbs"} <= cache.synced:
+            return True
+        time.sleep(0.05)
+    return False

@@ -1,0 +1,50 @@
+"""Prometheus metrics of the extender (prefix ``tidal_extender_``), on a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+class ExtenderMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.latency = Histogram(
+            "tidal_extender_verb_duration_seconds",
+            "Time to answer one extender call, by verb.",
+            ["verb"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.decisions = Counter(
+            "tidal_extender_decisions",
+            "Extender decisions by verb and outcome.",
+            ["verb", "outcome"],
+            registry=self.registry,
+        )
+        self.preemptions = Counter(
+            "tidal_extender_preemptions", "Preemption plans carried out.", registry=self.registry
+        )
+        self.victims = Counter(
+            "tidal_extender_victims", "Pods chosen as preemption victims.", registry=self.registry
+        )
+        self.bad_requests = Counter(
+            "tidal_extender_bad_requests",
+            "Malformed requests answered with 400.",
+            ["verb"],
+            registry=self.registry,
+        )
+        self.cache_size = Gauge(
+            "tidal_extender_cache_objects",
+            "Objects in the extender's cluster cache.",
+            ["kind"],
+            registry=self.registry,
+        )
+
+    def decision(self, verb: str, outcome: str) -> None:
+        self.decisions.labels(verb, outcome).inc()
+
+    def preemption(self, victims: int) -> None:
+        self.preemptions.inc()
+        self.victims.inc(victims)

@@ -1,0 +1,75 @@
+"""Start the extender against a cluster: cache, reflectors, housekeeping, HTTP server."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+from kubernetes import client, config
+
+from tidal.scheduler_extender.cache import ClusterCache
+from tidal.scheduler_extender.extender import Extender, ExtenderSettings
+from tidal.scheduler_extender.kube import KubeActions, start_reflectors, wait_synced
+from tidal.scheduler_extender.server import create_app
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8888
+    kubeconfig: Path | None = None  # in-cluster config when None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    settings: ExtenderSettings = field(default_factory=ExtenderSettings)
+    housekeeping_s: float = 5.0
+    log_level: str = "info"
+
+
+def api_client(kubeconfig: Path | None) -> client.ApiClient:
+    configuration = client.Configuration()
+    if kubeconfig is None:
+        config.load_incluster_config(client_configuration=configuration)
+    else:
+        config.load_kube_config(str(kubeconfig), client_configuration=configuration)
+    configuration.connection_pool_maxsize = 16
+    return client.ApiClient(configuration)
+
+
+def serve(options: ServeOptions) -> None:
+    logging.basicConfig(
+        level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    api = api_client(options.kubeconfig)
+    cache = ClusterCache()
+    extender = Extender(cache, KubeActions(api), options.settings)
+    stop = threading.Event()
+    start_reflectors(api, cache, stop)
+
+    def housekeeping() -> None:
+        if wait_synced(cache, timeout_s=600):
+            # The cache is long-lived: keep it out of the GC's young generations.
+            gc.freeze()
+            log.info("cache synced: %s", extender.stats())
+        while not stop.wait(options.housekeeping_s):
+            extender.expire_reservations()
+
+    threading.Thread(target=housekeeping, name="housekeeping", daemon=True).start()
+    app = create_app(extender, ready=lambda: {"nodes", "pods", "pdbs"} <= cache.synced)
+    try:
+        uvicorn.run(
+            app,
+            host=options.host,
+            port=options.port,
+            ssl_certfile=str(options.tls_cert) if options.tls_cert else None,
+            ssl_keyfile=str(options.tls_key) if options.tls_key else None,
+            log_level=options.log_level,
+            access_log=False,
+        )
+    finally:
+        stop.set()

@@ -6,10 +6,11 @@ For each cluster size: a fresh control plane (etcd, kube-apiserver, kube-schedul
 `tidal-scheduler` profile, KWOK), N fake 8-GPU nodes (DGX H100 and DGX-1V in equal parts), then
 M pods of 1, 2 or 4 GPUs created while the scheduler is stopped. The scheduler is started and
 the clock runs from the moment it answers /healthz until every pod is bound, so the number is
-the scheduler's (with the extender, once configured), not the Python client's pod creation rate.
+the scheduler's (with or without the extender), not the Python client's pod creation rate.
 Per-attempt latency comes from the scheduler's own histogram
-`scheduler_scheduling_attempt_duration_seconds`. The extender issue adds an `--extender` run
-beside this one on the same pods.
+`scheduler_scheduling_attempt_duration_seconds`; per-verb extender latency from the extender's
+`tidal_extender_verb_duration_seconds`. With `--modes alone,extender` both run on the same pods
+(same seed) one after the other, each on a fresh control plane.
 """
 
 from __future__ import annotations
@@ -118,8 +119,27 @@ def timed(label: str, action: Callable[[], Any]) -> tuple[Any, float]:
     return result, elapsed
 
 
-def run_size(nodes: int, pods_per_node: float, seed: int) -> dict[str, Any]:
-    local = LocalCluster(ClusterOptions(controller_manager=False))
+def extender_metrics(local: LocalCluster) -> dict[str, Any]:
+    port = json.loads((local.workdir / "state.json").read_text())["ports"]["extender"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def verb_quantiles(local: LocalCluster) -> dict[str, float]:
+    family = extender_metrics(local)["tidal_extender_verb_duration_seconds"]
+    out = {}
+    for verb in ("filter", "prioritize", "bind"):
+        samples = [s for s in family.samples if s.labels.get("verb") == verb]
+        only = type(family)(family.name, family.documentation, family.type)
+        only.samples = samples
+        for q in (0.5, 0.99):
+            out[f"{verb}_p{int(q * 100)}_ms"] = round(histogram_quantile(only, q) * 1000, 2)
+    return out
+
+
+def run_size(nodes: int, pods_per_node: float, seed: int, extender: bool) -> dict[str, Any]:
+    local = LocalCluster(ClusterOptions(controller_manager=False, run_extender=extender))
     try:
         local.start()
         core = client.CoreV1Api(local.api_client(pool_size=32))
@@ -161,6 +181,7 @@ def run_size(nodes: int, pods_per_node: float, seed: int) -> dict[str, Any]:
             raise RuntimeError(f"{len(unbound)} pods counted scheduled but unbound")
         attempts = scheduler_metrics(local)["scheduler_scheduling_attempt_duration_seconds"]
         row = {
+            "mode": "extender" if extender else "alone",
             "nodes": nodes,
             "pods": count,
             "gpus_requested": sum(sizes),
@@ -171,6 +192,15 @@ def run_size(nodes: int, pods_per_node: float, seed: int) -> dict[str, Any]:
             "node_create_s": round(node_s, 1),
             "pod_create_s": round(pod_s, 1),
         }
+        if extender:
+            row.update(verb_quantiles(local))
+            annotated = sum(
+                1
+                for p in core.list_namespaced_pod(NAMESPACE).items
+                if (p.metadata.annotations or {}).get("tidal.dev/gpus")
+            )
+            if annotated != count:
+                raise RuntimeError(f"only {annotated} of {count} pods carry tidal.dev/gpus")
         print(f"  {row}", flush=True)
         return row
     finally:
@@ -182,24 +212,37 @@ def main() -> None:
     parser.add_argument("--nodes", default="500,1000", help="comma-separated cluster sizes")
     parser.add_argument("--pods-per-node", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--modes", default="alone,extender", help="alone (kube-scheduler only), extender, or both"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     rows = []
+    modes = args.modes.split(",")
     for nodes in [int(n) for n in args.nodes.split(",")]:
-        print(f"{nodes} nodes", flush=True)
-        rows.append(run_size(nodes, args.pods_per_node, args.seed))
-    print("\n| nodes | pods | pods/s | s to bind all | attempt p50 / p99 ms |")
-    print("|---|---|---|---|---|")
+        for mode in modes:
+            print(f"{nodes} nodes, {mode}", flush=True)
+            rows.append(run_size(nodes, args.pods_per_node, args.seed, mode == "extender"))
+    print(
+        "\n| nodes | pods | mode | pods/s | s to bind all | attempt p50 / p99 ms | "
+        "filter p50 / p99 ms | prioritize p50 / p99 ms | bind p50 / p99 ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        verbs = " | ".join(
+            f"{r[f'{v}_p50_ms']} / {r[f'{v}_p99_ms']}" if f"{v}_p50_ms" in r else "-"
+            for v in ("filter", "prioritize", "bind")
+        )
         print(
-            f"| {r['nodes']} | {r['pods']} | {r['pods_per_second']} | "
-            f"{r['seconds_to_bind_all']} | {r['attempt_p50_ms']} / {r['attempt_p99_ms']} |"
+            f"| {r['nodes']} | {r['pods']} | {r['mode']} | {r['pods_per_second']} | "
+            f"{r['seconds_to_bind_all']} | {r['attempt_p50_ms']} / {r['attempt_p99_ms']} | "
+            f"{verbs} |"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
         "command": "python bench/k8s_throughput.py " + " ".join(sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "scheduler_alone": rows,
+        "runs": rows,
     }
     (args.out / "k8s_throughput.json").write_text(json.dumps(record, indent=2))
 

@@ -174,3 +174,96 @@ def test_malformed_extender_requests_get_400_with_a_reason(tidal_cluster: LocalC
         urllib.request.urlopen(request, timeout=5)
     assert answer.value.code == 400
     assert b"Pod" in answer.value.read()
+
+
+def fill_cross_pattern(core: Any, ns: str, node: str, terminate_after: str | None = None) -> None:
+    """Batch pods on GPUs 0,1,4,5: four GPUs free by count, no free NVLink quad."""
+    for i, gpu in enumerate((0, 1, 4, 5)):
+        pod = running_batch(f"b{i}", node, [gpu])
+        pod["metadata"]["labels"]["slot"] = f"b{i}"
+        if terminate_after:
+            # A grace period makes deletion graceful; KWOK then removes the pod after the delay.
+            pod["spec"]["terminationGracePeriodSeconds"] = 30
+            pod["metadata"]["annotations"]["tidal.dev/kwok-terminate-after"] = terminate_after
+        core.create_namespaced_pod(ns, pod)
+    wait_for(
+        lambda: all(p.status.phase == "Running" for p in core.list_namespaced_pod(ns).items),
+        "batch pods to run",
+    )
+
+
+def node_allocations(core: Any, node: str) -> list[set[int]]:
+    pods = core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}").items
+    return [gpus_of(p) for p in pods if p.metadata.deletion_timestamp is None]
+
+
+def assert_disjoint(sets: list[set[int]]) -> None:
+    seen: set[int] = set()
+    for gpus in sets:
+        assert not gpus & seen, f"GPUs {gpus & seen} allocated twice"
+        seen |= gpus
+
+
+def test_a_pdb_steers_the_preemption_to_the_other_clique(
+    core: Any, ns: str, tidal_cluster: LocalCluster
+) -> None:
+    node = NODES[1][0]
+    fill_cross_pattern(core, ns, node)
+    policy = client.PolicyV1Api(tidal_cluster.api_client())
+    policy.create_namespaced_pod_disruption_budget(
+        ns,
+        {
+            "metadata": {"name": "keep-b0"},
+            "spec": {"minAvailable": 1, "selector": {"matchLabels": {"slot": "b0"}}},
+        },
+    )
+    wait_for(
+        lambda: (
+            (
+                policy.read_namespaced_pod_disruption_budget("keep-b0", ns).status.current_healthy
+                or 0
+            )
+            == 1
+        ),
+        "the disruption controller to count the PDB's pods",
+    )
+    core.create_namespaced_pod(ns, online("tp4", 4, node))
+    assert gpus_of(bound(core, ns, "tp4")) == {4, 5, 6, 7}
+    left = {p.metadata.name for p in core.list_namespaced_pod(ns, label_selector="app=batch").items}
+    assert left == {"b0", "b1"}
+
+
+def test_two_preemptors_racing_for_one_node_never_share_a_gpu(core: Any, ns: str) -> None:
+    node = NODES[1][0]
+    fill_cross_pattern(core, ns, node)
+    core.create_namespaced_pod(ns, online("tp4-x", 4, node))
+    core.create_namespaced_pod(ns, online("tp4-y", 4, node))
+    x, y = bound(core, ns, "tp4-x"), bound(core, ns, "tp4-y")
+    assert {frozenset(gpus_of(x)), frozenset(gpus_of(y))} == {frozenset(q) for q in QUADS}
+    assert core.list_namespaced_pod(ns, label_selector="app=batch").items == []
+    assert_disjoint(node_allocations(core, node))
+
+
+def test_extender_restart_mid_preemption_loses_nothing(
+    core: Any, ns: str, tidal_cluster: LocalCluster
+) -> None:
+    node = NODES[1][0]
+    # Victims take 4 s to terminate, so the restart lands while the reservation is pending.
+    fill_cross_pattern(core, ns, node, terminate_after="4s")
+    core.create_namespaced_pod(ns, online("tp4", 4, node))
+    wait_for(
+        lambda: (
+            "tidal.dev/reservation"
+            in (core.read_namespaced_pod("tp4", ns).metadata.annotations or {})
+        ),
+        "the reservation on the preemptor",
+    )
+    tidal_cluster.restart("tidal-extender")
+    # Meanwhile a second pod wants 4 GPUs on that node: it must not get the reserved quad.
+    core.create_namespaced_pod(ns, online("late", 4, node))
+    pod = bound(core, ns, "tp4")
+    assert gpus_of(pod) in QUADS
+    assert "tidal.dev/reservation" not in (pod.metadata.annotations or {})
+    assert_disjoint(node_allocations(core, node))
+    names = {p.metadata.name for p in core.list_namespaced_pod(ns).items}
+    assert {"tp4", "late"} <= names  # no pod lost

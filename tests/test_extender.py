@@ -1,0 +1,328 @@
+"""The extender's verbs over its cache, with a fake cluster (no API server; e2e covers that).
+
+Nodes are DGX-1V: NVLink cliques of four are {0,1,2,3} and {4,5,6,7}; {2,3,6,7} is not one.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tidal.devcluster.nodes import gpu_node
+from tidal.scheduler_extender.cache import ClusterCache
+from tidal.scheduler_extender.extender import ApiError, Extender, ExtenderSettings
+from tidal.scheduler_extender.wire import (
+    BindArgs,
+    WireError,
+    parse_bind,
+    parse_filter,
+    parse_preempt,
+)
+
+QUADS = ({0, 1, 2, 3}, {4, 5, 6, 7})
+BATCH, ONLINE = 10, 1000
+
+
+def pod(
+    name: str,
+    gpus: int,
+    *,
+    node: str | None = None,
+    held: list[int] | None = None,
+    priority: int = BATCH,
+    guaranteed: bool = False,
+    labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    notes = {}
+    if held is not None:
+        notes["tidal.dev/gpus"] = ",".join(map(str, held))
+    if guaranteed:
+        notes["tidal.dev/topology-mode"] = "guaranteed"
+    spec: dict[str, Any] = {
+        "priority": priority,
+        "containers": [{"name": "w", "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}],
+    }
+    if node:
+        spec["nodeName"] = node
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "ns",
+            "uid": f"uid-{name}",
+            "annotations": notes,
+            "labels": labels or {},
+            "creationTimestamp": "2026-11-23T00:00:00Z",
+        },
+        "spec": spec,
+        "status": {"phase": "Running" if node else "Pending"},
+    }
+
+
+class FakeCluster:
+    """Actions that change the raw objects and feed them back, as watch events would."""
+
+    def __init__(self, cache: ClusterCache) -> None:
+        self.cache = cache
+        self.pods: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.refuse_eviction: set[str] = set()
+
+    def add(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self.pods[obj["metadata"]["name"]] = obj
+        self.cache.upsert_pod(obj)
+        return obj
+
+    def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.pods.get(name)
+
+    def annotate_pod(self, namespace: str, name: str, values: dict[str, str | None]) -> None:
+        self.calls.append(("annotate", name))
+        notes = self.pods[name]["metadata"]["annotations"]
+        for key, value in values.items():
+            if value is None:
+                notes.pop(key, None)
+            else:
+                notes[key] = value
+        self.cache.upsert_pod(self.pods[name])
+
+    def bind(self, namespace: str, name: str, uid: str, node: str) -> None:
+        self.calls.append(("bind", name))
+        self.pods[name]["spec"]["nodeName"] = node
+        self.cache.upsert_pod(self.pods[name])
+
+    def mark_disruption_target(self, namespace: str, name: str, message: str) -> None:
+        self.calls.append(("disruption-target", name))
+
+    def evict(self, namespace: str, name: str) -> None:
+        if name in self.refuse_eviction:
+            raise ApiError(
+                429,
+                f"evict {name}: Cannot evict pod as it would violate the pod's disruption budget",
+            )
+        self.calls.append(("evict", name))
+
+    def record_event(self, pod: dict[str, Any], reason: str, message: str) -> None:
+        self.calls.append((f"event:{reason}", pod["metadata"]["name"]))
+
+    def finish_evictions(self) -> None:
+        for kind, name in self.calls:
+            if kind == "evict" and name in self.pods:
+                self.cache.delete_pod(self.pods.pop(name)["metadata"]["uid"])
+
+
+@pytest.fixture
+def cluster() -> tuple[Extender, FakeCluster]:
+    clock = [1_000_000.0]
+    cache = ClusterCache(clock=lambda: clock[0])
+    cache.replace("nodes", [gpu_node("cube-a", "dgx1-v100"), gpu_node("cube-b", "dgx1-v100")])
+    cache.replace("pdbs", [])
+    fake = FakeCluster(cache)
+    extender = Extender(cache, fake, ExtenderSettings(reservation_ttl_s=60))
+    extender.clock = clock  # type: ignore[attr-defined]
+    return extender, fake
+
+
+def filter_args(p: dict[str, Any], names: list[str]) -> Any:
+    return parse_filter({"Pod": p, "NodeNames": names})
+
+
+def held_gpus(fake: FakeCluster, name: str) -> set[int]:
+    return {int(i) for i in fake.pods[name]["metadata"]["annotations"]["tidal.dev/gpus"].split(",")}
+
+
+# -- wire format ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keys", [("Pod", "NodeNames"), ("pod", "nodenames"), ("POD", "nodeNames")])
+def test_filter_args_accept_any_casing(keys: tuple[str, str]) -> None:
+    args = parse_filter({keys[0]: pod("p", 1), keys[1]: ["a", "b"]})
+    assert args.node_names == ["a", "b"]
+    assert args.nodes is None
+
+
+def test_full_node_list_mode_answers_with_node_objects(cluster: Any) -> None:
+    extender, _ = cluster
+    nodes = [gpu_node("cube-a", "dgx1-v100"), gpu_node("ghost", "dgx1-v100")]
+    result = extender.filter(
+        parse_filter({"pod": pod("p", 4, guaranteed=True), "nodes": {"items": nodes}})
+    )
+    assert [n["metadata"]["name"] for n in result["Nodes"]["items"]] == ["cube-a"]
+    assert result["NodeNames"] is None
+    assert "not in the scheduler's cache" in result["FailedAndUnresolvableNodes"]["ghost"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({}, "Pod"),
+        ({"Pod": pod("p", 1)}, "NodeNames"),
+        ({"Pod": {"metadata": {"name": "x"}}, "NodeNames": []}, "uid"),
+        ({"Pod": pod("p", 1), "NodeNames": "a"}, "NodeNames"),
+        ([], "object"),
+    ],
+)
+def test_malformed_filter_args_name_the_field(raw: Any, message: str) -> None:
+    with pytest.raises(WireError, match=message):
+        parse_filter(raw)
+
+
+def test_bind_and_preempt_args() -> None:
+    bind = parse_bind({"podName": "p", "PODNAMESPACE": "ns", "PodUID": "u", "node": "n"})
+    assert bind == BindArgs("p", "ns", "u", "n")
+    with pytest.raises(WireError, match="PodUID"):
+        parse_bind({"PodName": "p", "PodNamespace": "ns", "Node": "n"})
+    meta = parse_preempt(
+        {"Pod": pod("p", 1), "NodeNameToMetaVictims": {"n": {"Pods": [{"UID": "v"}]}}}
+    )
+    assert meta.candidates == {"n": ["v"]}
+    full = parse_preempt({"pod": pod("p", 1), "nodeNameToVictims": {"n": {"pods": [pod("v", 1)]}}})
+    assert full.candidates == {"n": ["uid-v"]}
+
+
+# -- filter, prioritize, bind ------------------------------------------------------------------
+
+
+def test_filter_passes_only_nodes_with_a_free_aligned_set(cluster: Any) -> None:
+    extender, fake = cluster
+    for i, gpu in enumerate((0, 1, 4, 5)):
+        fake.add(pod(f"b{i}", 1, node="cube-a", held=[gpu]))
+    result = extender.filter(
+        filter_args(pod("tp4", 4, priority=ONLINE, guaranteed=True), ["cube-a", "cube-b"])
+    )
+    assert result["NodeNames"] == ["cube-b"]
+    assert result["FailedNodes"] == {"cube-a": "no 4 free GPUs aligned at tier nvlink (4 free)"}
+    scores = extender.prioritize(filter_args(pod("tp4", 4, guaranteed=True), ["cube-a", "cube-b"]))
+    assert scores[0] == {"Host": "cube-a", "Score": 0}
+    assert scores[1]["Score"] > 0
+
+
+def test_bind_writes_an_aligned_set_and_never_double_allocates(cluster: Any) -> None:
+    extender, fake = cluster
+    fake.add(pod("b0", 4, node="cube-a", held=[0, 1, 2, 3]))
+    fake.add(pod("tp4-x", 4, priority=ONLINE, guaranteed=True))
+    fake.add(pod("tp4-y", 4, priority=ONLINE, guaranteed=True))
+    first = extender.bind(BindArgs("tp4-x", "ns", "uid-tp4-x", "cube-a"))
+    assert first == {"Error": ""}
+    assert held_gpus(fake, "tp4-x") == {4, 5, 6, 7}
+    second = extender.bind(BindArgs("tp4-y", "ns", "uid-tp4-y", "cube-a"))
+    assert "taken meanwhile" in second["Error"]
+    assert "nodeName" not in fake.pods["tp4-y"]["spec"]
+
+
+def test_bind_of_an_unknown_pod_is_an_error_not_a_crash(cluster: Any) -> None:
+    extender, _ = cluster
+    assert "not found" in extender.bind(BindArgs("nope", "ns", "uid-nope", "cube-a"))["Error"]
+
+
+# -- preemption --------------------------------------------------------------------------------
+
+
+def fill_cross_pattern(fake: FakeCluster, node: str = "cube-a") -> None:
+    """GPUs 0,1,4,5 busy: four free by count, no free NVLink quad."""
+    for i, gpu in enumerate((0, 1, 4, 5)):
+        fake.add(pod(f"b{i}", 1, node=node, held=[gpu], labels={"app": f"b{i}"}))
+
+
+def test_topology_only_conflict_evicts_reserves_and_then_binds_the_reserved_set(
+    cluster: Any,
+) -> None:
+    extender, fake = cluster
+    fill_cross_pattern(fake)
+    preemptor = fake.add(pod("tp4", 4, priority=ONLINE, guaranteed=True))
+    result = extender.filter(filter_args(preemptor, ["cube-a"]))
+    assert result["NodeNames"] == []
+    assert result["FailedAndUnresolvableNodes"] == {
+        "cube-a": "waiting for 2 victims on node cube-a"
+    }
+    evicted = sorted(name for kind, name in fake.calls if kind == "evict")
+    assert evicted in (["b0", "b1"], ["b2", "b3"])
+    assert sorted(n for k, n in fake.calls if k == "event:Preempted") == evicted
+    assert sorted(n for k, n in fake.calls if k == "disruption-target") == evicted
+    record = json.loads(fake.pods["tp4"]["metadata"]["annotations"]["tidal.dev/reservation"])
+    assert set(record["gpus"]) in QUADS and record["node"] == "cube-a"
+    # A restarted extender sees the same reservation from the pod annotation.
+    rebuilt = ClusterCache(clock=extender.cache.clock)
+    rebuilt.replace("nodes", [gpu_node("cube-a", "dgx1-v100"), gpu_node("cube-b", "dgx1-v100")])
+    rebuilt.replace("pods", list(fake.pods.values()))
+    assert rebuilt.snapshot.reservations == extender.cache.snapshot.reservations
+    # Another pod may not take the reserved GPUs once they are free.
+    fake.finish_evictions()
+    other = fake.add(pod("other", 4, priority=ONLINE, guaranteed=True))
+    assert extender.filter(filter_args(other, ["cube-a"]))["NodeNames"] == []
+    # (it plans its own preemption of the other quad's batch pods instead)
+    others = extender.cache.snapshot.reservations["uid-other"]
+    assert others.gpus & extender.cache.snapshot.reservations["uid-tp4"].gpus == 0
+    # The preemptor passes only its reserved node and binds exactly the reserved set.
+    assert extender.filter(filter_args(preemptor, ["cube-a", "cube-b"]))["NodeNames"] == ["cube-a"]
+    assert extender.bind(BindArgs("tp4", "ns", "uid-tp4", "cube-a")) == {"Error": ""}
+    assert held_gpus(fake, "tp4") == set(record["gpus"])
+    assert "tidal.dev/reservation" not in fake.pods["tp4"]["metadata"]["annotations"]
+    assert "uid-tp4" not in extender.cache.snapshot.reservations
+
+
+def test_refused_eviction_releases_the_reservation(cluster: Any) -> None:
+    extender, fake = cluster
+    fill_cross_pattern(fake)
+    fake.refuse_eviction = {"b0", "b1", "b2", "b3"}
+    preemptor = fake.add(pod("tp4", 4, priority=ONLINE, guaranteed=True))
+    result = extender.filter(filter_args(preemptor, ["cube-a"]))
+    assert "disruption budget" in result["FailedAndUnresolvableNodes"]["cube-a"]
+    assert extender.cache.snapshot.reservations == {}
+    assert "tidal.dev/reservation" not in fake.pods["tp4"]["metadata"]["annotations"]
+
+
+def test_pdb_steers_the_plan_to_the_other_clique(cluster: Any) -> None:
+    extender, fake = cluster
+    extender.cache.upsert_pdb(
+        {
+            "metadata": {"name": "keep-b0", "namespace": "ns"},
+            "spec": {"selector": {"matchLabels": {"app": "b0"}}},
+            "status": {"disruptionsAllowed": 0},
+        }
+    )
+    fill_cross_pattern(fake)
+    extender.filter(
+        filter_args(fake.add(pod("tp4", 4, priority=ONLINE, guaranteed=True)), ["cube-a"])
+    )
+    assert sorted(n for k, n in fake.calls if k == "evict") == ["b2", "b3"]
+
+
+def test_count_conflict_is_answered_by_the_preempt_verb_on_one_node(cluster: Any) -> None:
+    extender, fake = cluster
+    for gpu in range(8):
+        fake.add(pod(f"f{gpu}", 1, node="cube-a", held=[gpu]))
+    preemptor = fake.add(pod("tp4", 4, priority=ONLINE, guaranteed=True))
+    proposed = {"cube-a": {"Pods": [{"UID": f"uid-f{g}"} for g in range(8)]}}
+    result = extender.preempt(parse_preempt({"Pod": preemptor, "NodeNameToMetaVictims": proposed}))
+    ((node, victims),) = result["NodeNameToMetaVictims"].items()
+    assert node == "cube-a" and victims["NumPDBViolations"] == 0
+    gpus = {int(v["UID"].removeprefix("uid-f")) for v in victims["Pods"]}
+    assert gpus in QUADS
+    assert "tidal.dev/reservation" in fake.pods["tp4"]["metadata"]["annotations"]
+    # Asked again while the reservation stands: the same node and the victims still there.
+    again = extender.preempt(parse_preempt({"Pod": preemptor, "NodeNameToMetaVictims": proposed}))
+    again_uids = {v["UID"] for v in again["NodeNameToMetaVictims"]["cube-a"]["Pods"]}
+    assert again_uids == {v["UID"] for v in victims["Pods"]}
+
+
+def test_preempt_never_answers_a_node_without_victims(cluster: Any) -> None:
+    extender, fake = cluster
+    preemptor = fake.add(pod("tp4", 4, priority=ONLINE, guaranteed=True))
+    result = extender.preempt(
+        parse_preempt({"Pod": preemptor, "NodeNameToMetaVictims": {"cube-a": {"Pods": []}}})
+    )
+    assert result == {"NodeNameToMetaVictims": {}}
+
+
+def test_reservations_expire_and_their_annotation_is_cleared(cluster: Any) -> None:
+    extender, fake = cluster
+    fill_cross_pattern(fake)
+    preemptor = fake.add(pod("tp4", 4, priority=ONLINE, guaranteed=True))
+    extender.filter(filter_args(preemptor, ["cube-a"]))
+    assert extender.cache.snapshot.reservations
+    extender.clock[0] += 61
+    expired = extender.expire_reservations()
+    assert [r.preemptor for r in expired] == ["uid-tp4"]
+    assert "tidal.dev/reservation" not in fake.pods["tp4"]["metadata"]["annotations"]

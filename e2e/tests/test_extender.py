@@ -141,7 +141,7 @@ def test_topology_only_conflict_is_resolved_by_the_extenders_own_preemption(
     events = core.list_namespaced_event(ns, field_selector="reason=Preempted").items
     assert len(events) == 2
     assert all(f"{ns}/tp4" in e.message for e in events)
-    assert "tidal.dev/reservation" not in (pod.metadata.annotations or {})
+    assert not (pod.metadata.annotations or {}).get("tidal.dev/reservation")
 
 
 def test_count_conflict_goes_through_the_preempt_verb(core: Any, ns: str) -> None:
@@ -263,7 +263,7 @@ def test_extender_restart_mid_preemption_loses_nothing(
     core.create_namespaced_pod(ns, online("late", 4, node))
     pod = bound(core, ns, "tp4")
     assert gpus_of(pod) in QUADS
-    assert "tidal.dev/reservation" not in (pod.metadata.annotations or {})
+    assert not (pod.metadata.annotations or {}).get("tidal.dev/reservation")
     assert_disjoint(node_allocations(core, node))
     names = {p.metadata.name for p in core.list_namespaced_pod(ns).items}
     assert {"tp4", "late"} <= names  # no pod lost

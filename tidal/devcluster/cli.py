@@ -64,8 +64,11 @@ def up(
     controller_manager: Annotated[
         bool, typer.Option(help="Also run kube-controller-manager (GC, Jobs, ServiceAccounts).")
     ] = True,
+    extender: Annotated[
+        bool, typer.Option(help="Run `tidal extender` and put it in kube-scheduler's config.")
+    ] = False,
     extender_url: Annotated[
-        str | None, typer.Option(help="urlPrefix of a running tidal extender.")
+        str | None, typer.Option(help="urlPrefix of a tidal extender running elsewhere.")
     ] = None,
 ) -> None:
     """Start the control plane in the background and create fake GPU nodes."""
@@ -80,8 +83,14 @@ def up(
     except DevClusterError:
         console.print("control-plane binaries missing: building them (cold: ~15 min)")
         binaries = build()
-    extender = ExtenderConfig(extender_url) if extender_url else None
-    options = ClusterOptions(directory, controller_manager=controller_manager, extender=extender)
+    if extender and extender_url:
+        _fail("--extender and --extender-url exclude each other")
+    options = ClusterOptions(
+        directory,
+        controller_manager=controller_manager,
+        extender=ExtenderConfig(extender_url) if extender_url else None,
+        run_extender=extender,
+    )
     local = LocalCluster(options, binaries)
     try:
         with console.status("starting control plane") as status:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import ssl
@@ -19,12 +20,27 @@ from tidal.devcluster.binaries import DevClusterError
 LOG_TAIL_LINES = 40
 
 
+_PORT_RANGE = (20000, 32767)  # below Linux's ephemeral range (32768+), where outgoing
+# connections take their local ports: a kernel-chosen free port could be taken by one of those
+# between our check and the component's bind.
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A port nothing listens on right now (the kernel's choice, released at once)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A port nothing listens on now, not handed out before by this process."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randint(*_PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise DevClusterError(f"no free port in {_PORT_RANGE[0]}..{_PORT_RANGE[1]}")
 
 
 def insecure_tls() -> ssl.SSLContext:

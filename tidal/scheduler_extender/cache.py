@@ -115,7 +115,7 @@ class ClusterCache:
     def _upsert_pending(self, uid: str, pod: dict[str, Any]) -> None:
         self.pending[uid] = pod
         text = annotations_of(pod).get(RESERVATION)
-        if text is None:
+        if not text:  # absent, or blanked at bind
             return
         try:
             record = ReservationRecord.parse(text, pod_key(pod))

@@ -66,7 +66,9 @@ class Actions(Protocol):
 
     def annotate_pod(self, namespace: str, name: str, values: dict[str, str | None]) -> None: ...
 
-    def bind(self, namespace: str, name: str, uid: str, node: str) -> None: ...
+    def bind(
+        self, namespace: str, name: str, uid: str, node: str, annotations: dict[str, str]
+    ) -> None: ...
 
     def mark_disruption_target(self, namespace: str, name: str, message: str) -> None: ...
 
@@ -79,6 +81,9 @@ class Actions(Protocol):
 class ExtenderSettings:
     reservation_ttl_s: float = 300.0  # victims' grace period plus scheduling slack
     planning_deadline_s: float = 0.05
+
+
+_REMEMBERED_PODS = 256
 
 
 def _values(plan: Plan) -> CostTuple:
@@ -99,6 +104,7 @@ class Extender:
         self.planner = TopologyFirstPlanner(deadline_s=self.settings.planning_deadline_s)
         self.metrics = metrics or ExtenderMetrics()
         self._steered: dict[str, float] = {}  # pods left to kube-scheduler's preemption once
+        self._scores: dict[str, dict[str, int]] = {}  # pod UID -> node scores from its filter
 
     # -- filter -----------------------------------------------------------------------------
     def filter(self, args: FilterArgs) -> dict[str, Any]:
@@ -114,6 +120,7 @@ class Extender:
                 return self._filter_reserved(request, held, args)
             result = self.cache_filter(request, args.node_names)
             if result[0]:
+                self._remember_scores(request, result[0])
                 self.metrics.decision("filter", "fits")
                 return filter_result(*result, args)
             plan = self._choose_plan(request, args)
@@ -127,6 +134,19 @@ class Extender:
             record = self._reserve(request, plan)
         self.metrics.decision("filter", "evict")
         return self._evict_for(args, request, plan, record)
+
+    def _remember_scores(self, request: PodRequest, passed: list[str]) -> None:
+        """Score the nodes that passed now: prioritize follows with the same nodes."""
+        snapshot = self.cache.snapshot
+        scores = {}
+        for name in passed:
+            state = snapshot.nodes[name]
+            outcome = fit_node(snapshot, state, request)
+            if isinstance(outcome, Placement):
+                scores[name] = score(outcome, state.info.shape)
+        if len(self._scores) >= _REMEMBERED_PODS:
+            self._scores.pop(next(iter(self._scores)))
+        self._scores[request.uid] = scores
 
     def cache_filter(
         self, request: PodRequest, names: list[str]
@@ -261,6 +281,10 @@ class Extender:
             request = pod_request(args.pod)
         except ObjectError:
             return [{"Host": n, "Score": 0} for n in args.node_names]
+        with self.cache.lock:
+            remembered = self._scores.pop(request.uid, None)
+        if remembered is not None and set(args.node_names) <= remembered.keys():
+            return [{"Host": n, "Score": remembered[n]} for n in args.node_names]
         scores = []
         with self.cache.lock:
             for name in args.node_names:
@@ -284,10 +308,10 @@ class Extender:
             self.cache.tick()
             held = self.cache.snapshot.reservations.get(request.uid)
             if held is not None:
-                # A reservation is being carried out; never start a second preemption.
-                waiting = [v for v in held.victims if v in self.cache.snapshot.pods]
-                if held.node in args.candidates and waiting:
-                    return preempt_result(held.node, waiting, 0)
+                # A reservation is being carried out: its victims are terminating. Proposing
+                # them again would start a second asynchronous preemption in kube-scheduler,
+                # which can swallow the deletion events that requeue the pod; say no instead
+                # and let those events bring the pod back.
                 self.metrics.decision("preempt", "reserved")
                 return preempt_result(None, [], 0)
             candidates = [n for n in args.candidates if n in self.cache.snapshot.nodes]
@@ -332,8 +356,10 @@ class Extender:
             self.cache.assume(args.uid, chosen, bound)
         gpus = format_gpu_list(chosen)
         try:
-            self.actions.annotate_pod(args.namespace, args.name, {GPUS: gpus, RESERVATION: None})
-            self.actions.bind(args.namespace, args.name, args.uid, args.node)
+            # One write: the API server copies a Binding's annotations onto the pod, so the pod
+            # is never bound without its GPUs (and a stale reservation is blanked with it).
+            notes = {GPUS: gpus, RESERVATION: ""}
+            self.actions.bind(args.namespace, args.name, args.uid, args.node, notes)
         except ApiError as error:
             self.cache.delete_pod(args.uid)
             self.cache.upsert_pod(pod)

@@ -59,11 +59,18 @@ class KubeActions:
             lambda: self.core.patch_namespaced_pod(name, namespace, body),
         )
 
-    def bind(self, namespace: str, name: str, uid: str, node: str) -> None:
+    def bind(
+        self, namespace: str, name: str, uid: str, node: str, annotations: dict[str, str]
+    ) -> None:
         binding = {
             "apiVersion": "v1",
             "kind": "Binding",
-            "metadata": {"name": name, "namespace": namespace, "uid": uid},
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "uid": uid,
+                "annotations": annotations,
+            },
             "target": {"apiVersion": "v1", "kind": "Node", "name": node},
         }
         self._call(

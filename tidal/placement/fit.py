@@ -53,6 +53,7 @@ def filter_nodes(
     rejected: dict[str, Rejection] = {}
     tables: dict[NodeShape, tuple[bytearray, Rejection | None]] = {}
     shortages: dict[int, Rejection] = {}
+    placements: dict[tuple[NodeShape, int], Placement] = {}
     tier = request.tier if request.aligned_only else Tier.NODE
     blocks = snapshot.has_blocks()
     for name in snapshot.nodes if names is None else names:
@@ -69,7 +70,21 @@ def filter_nodes(
         if blocks:
             free &= ~snapshot.blocked_for(name, request.uid)
         if holds[free]:
-            outcome = fit_node(snapshot, state, request)
+            if request.cpu_milli > state.cpu_free() or request.memory_mib > state.memory_free():
+                outcome = fit_node(snapshot, state, request)
+            else:
+                # The GPU choice depends only on (shape, free mask): nodes share them widely.
+                template = placements.get((shape, free))
+                if template is None:
+                    template = placements[shape, free] = _placement(shape, free, request)
+                outcome = Placement(
+                    name,
+                    template.gpus,
+                    template.tier,
+                    template.shortfall,
+                    template.capacity_lost,
+                    template.quality,
+                )
         elif never is not None:
             outcome = never
         elif request.cpu_milli > state.info.cpu_milli or request.memory_mib > state.info.memory_mib:
@@ -82,6 +97,13 @@ def filter_nodes(
         else:
             rejected[name] = outcome
     return FilterResult(feasible, rejected)
+
+
+def _placement(shape: NodeShape, free: int, request: PodRequest) -> Placement:
+    gpus = choose_gpus(shape, free, request.gpus, request.mode, request.tier)
+    if gpus is None:  # unreachable when the has-aligned table said yes; kept for safety
+        raise AssertionError(f"no {request.gpus}-GPU set in free mask {free:#x}")
+    return placement_of("", shape, free, gpus, request)
 
 
 def _shape_facts(

@@ -118,9 +118,10 @@ class Extender:
             held = self.cache.snapshot.reservations.get(request.uid)
             if held is not None:
                 return self._filter_reserved(request, held, args)
-            result = self.cache_filter(request, args.node_names)
+            outcome = self._filter_nodes(request, args.node_names)
+            result = self._split(outcome, args.node_names)
             if result[0]:
-                self._remember_scores(request, result[0])
+                self._remember_scores(request, outcome)
                 self.metrics.decision("filter", "fits")
                 return filter_result(*result, args)
             plan = self._choose_plan(request, args)
@@ -135,23 +136,26 @@ class Extender:
         self.metrics.decision("filter", "evict")
         return self._evict_for(args, request, plan, record)
 
-    def _remember_scores(self, request: PodRequest, passed: list[str]) -> None:
-        """Score the nodes that passed now: prioritize follows with the same nodes."""
-        snapshot = self.cache.snapshot
+    def _remember_scores(self, request: PodRequest, outcome: FilterResult) -> None:
+        """Score the placements filter found: prioritize follows with the same nodes."""
+        nodes = self.cache.snapshot.nodes
+        memo: dict[tuple[object, ...], int] = {}
         scores = {}
-        for name in passed:
-            state = snapshot.nodes[name]
-            outcome = fit_node(snapshot, state, request)
-            if isinstance(outcome, Placement):
-                scores[name] = score(outcome, state.info.shape)
+        for name, placement in outcome.feasible.items():
+            shape = nodes[name].info.shape
+            key = (shape, placement.capacity_lost, placement.shortfall)
+            value = memo.get(key)
+            if value is None:
+                value = memo[key] = score(placement, shape)
+            scores[name] = value
         if len(self._scores) >= _REMEMBERED_PODS:
             self._scores.pop(next(iter(self._scores)))
         self._scores[request.uid] = scores
 
-    def cache_filter(
-        self, request: PodRequest, names: list[str]
+    def _split(
+        self, outcome: FilterResult, names: list[str]
     ) -> tuple[list[str], dict[str, str], dict[str, str]]:
-        outcome = self._filter_nodes(request, names)
+        """Passed nodes in the caller's order, and failures split by whether preemption helps."""
         passed = [n for n in names if n in outcome.feasible]
         failed = {n: r.reason for n, r in outcome.rejected.items() if r.code is Code.UNSCHEDULABLE}
         unresolvable = {

@@ -70,21 +70,7 @@ def filter_nodes(
         if blocks:
             free &= ~snapshot.blocked_for(name, request.uid)
         if holds[free]:
-            if request.cpu_milli > state.cpu_free() or request.memory_mib > state.memory_free():
-                outcome = fit_node(snapshot, state, request)
-            else:
-                # The GPU choice depends only on (shape, free mask): nodes share them widely.
-                template = placements.get((shape, free))
-                if template is None:
-                    template = placements[shape, free] = _placement(shape, free, request)
-                outcome = Placement(
-                    name,
-                    template.gpus,
-                    template.tier,
-                    template.shortfall,
-                    template.capacity_lost,
-                    template.quality,
-                )
+            outcome = _fit_free(snapshot, state, request, free, placements)
         elif never is not None:
             outcome = never
         elif request.cpu_milli > state.info.cpu_milli or request.memory_mib > state.info.memory_mib:
@@ -97,6 +83,31 @@ def filter_nodes(
         else:
             rejected[name] = outcome
     return FilterResult(feasible, rejected)
+
+
+def _fit_free(
+    snapshot: ClusterSnapshot,
+    state: NodeState,
+    request: PodRequest,
+    free: int,
+    placements: dict[tuple[NodeShape, int], Placement],
+) -> Placement | Rejection:
+    """``free`` holds the request's GPUs: check CPU and memory, and reuse the GPU choice, which
+    depends only on (shape, free mask), shared by many nodes."""
+    if request.cpu_milli > state.cpu_free() or request.memory_mib > state.memory_free():
+        return fit_node(snapshot, state, request)
+    shape = state.info.shape
+    template = placements.get((shape, free))
+    if template is None:
+        template = placements[shape, free] = _placement(shape, free, request)
+    return Placement(
+        state.name,
+        template.gpus,
+        template.tier,
+        template.shortfall,
+        template.capacity_lost,
+        template.quality,
+    )
 
 
 def _placement(shape: NodeShape, free: int, request: PodRequest) -> Placement:

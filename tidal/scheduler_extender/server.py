@@ -29,12 +29,17 @@ def _json(body: object, status: int = 200) -> Response:
 def create_app(extender: Extender, ready: Callable[[], bool]) -> Starlette:
     metrics = extender.metrics
 
-    def verb(name: str, handle: Callable[[Any], Any]) -> Callable[[Request], Awaitable[Response]]:
+    def verb(
+        name: str, handle: Callable[[Any], Any], inline: bool = False
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """``inline`` verbs are pure computation under the cache lock (no API calls on their
+        hot path) and skip the thread hop; the others run in the thread pool."""
+
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
             try:
                 raw = orjson.loads(await request.body())
-                result = await run_in_threadpool(handle, raw)
+                result = handle(raw) if inline else await run_in_threadpool(handle, raw)
                 return _json(result)
             except (orjson.JSONDecodeError, WireError) as error:
                 metrics.bad_requests.labels(name).inc()
@@ -69,7 +74,11 @@ def create_app(extender: Extender, ready: Callable[[], bool]) -> Starlette:
         ),
         Route(
             "/prioritize",
-            verb("prioritize", lambda raw: extender.prioritize(parse_filter(raw, "prioritize"))),
+            verb(
+                "prioritize",
+                lambda raw: extender.prioritize(parse_filter(raw, "prioritize")),
+                inline=True,
+            ),
             methods=["POST"],
         ),
         Route(

@@ -110,4 +110,4 @@ build_kwok
 build_kubernetes
 step "done: $BIN $TOOLS (total $(( $(date +%s) - started )) s)"
 "$BIN/kube-apiserver" --version
-"$TOOLS/kubectl" version --client | head -1
+"$TOOLS/kubectl" version --client | sed -n 1p  # sed reads it all: no SIGPIPE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import orjson
@@ -15,6 +16,7 @@ from tests.test_extender import FakeCluster, pod
 from tidal.devcluster.nodes import gpu_node
 from tidal.scheduler_extender.cache import ClusterCache
 from tidal.scheduler_extender.extender import Extender
+from tidal.scheduler_extender.run import JsonFormatter
 from tidal.scheduler_extender.server import create_app
 
 VERBS = ("filter", "prioritize", "preempt", "bind")
@@ -92,3 +94,11 @@ def test_fuzzed_requests_never_crash_the_server(client: TestClient, verb: str, b
     response = client.post(f"/{verb}", content=json.dumps(body))
     assert response.status_code in (200, 400), response.text
     assert isinstance(response.json(), dict | list)
+
+
+def test_json_log_lines_are_parseable() -> None:
+    record = logging.LogRecord(
+        "tidal.x", logging.INFO, __file__, 1, "pod %s: bound", ("a/b",), None
+    )
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["msg"] == "pod a/b: bound" and entry["level"] == "info"

@@ -48,6 +48,9 @@ def extender_command(
     log_level: Annotated[
         str, typer.Option(envvar="TIDAL_EXTENDER_LOG_LEVEL", help="debug, info, warning, error.")
     ] = "info",
+    log_format: Annotated[
+        str, typer.Option(envvar="TIDAL_EXTENDER_LOG_FORMAT", help="text or json.")
+    ] = "text",
 ) -> None:
     """Run the kube-scheduler HTTP extender (filter, prioritize, preempt, bind)."""
     from tidal.scheduler_extender.run import ServeOptions, serve  # noqa: PLC0415 - heavy imports
@@ -58,6 +61,8 @@ def extender_command(
         raise typer.BadParameter(
             f"--log-level: {log_level!r} is not one of debug, info, warning, error"
         )
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter(f"--log-format: {log_format!r} is not one of text, json")
     serve(
         ServeOptions(
             host=host,
@@ -67,5 +72,6 @@ def extender_command(
             tls_key=tls_key,
             settings=ExtenderSettings(reservation_ttl_s=reservation_ttl),
             log_level=log_level,
+            log_format=log_format,
         )
     )

@@ -8,6 +8,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
 import uvicorn
 from kubernetes import client, config
 
@@ -29,6 +30,22 @@ class ServeOptions:
     settings: ExtenderSettings = field(default_factory=ExtenderSettings)
     housekeeping_s: float = 5.0
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object per line for log pipelines
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
 
 
 def api_client(kubeconfig: Path | None) -> client.ApiClient:
@@ -42,9 +59,12 @@ def api_client(kubeconfig: Path | None) -> client.ApiClient:
 
 
 def serve(options: ServeOptions) -> None:
-    logging.basicConfig(
-        level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler()
+    if options.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=options.log_level.upper(), handlers=[handler])
     api = api_client(options.kubeconfig)
     cache = ClusterCache()
     extender = Extender(cache, KubeActions(api), options.settings)

@@ -34,9 +34,9 @@ from tidal.topology import (
     Tier,
     TopologyError,
     bits,
-    compile_shape,
     load_preset,
     preset_names,
+    preset_shape,
 )
 
 app = typer.Typer(
@@ -69,7 +69,7 @@ def topo_show(
         topology = load_preset(preset)
     except TopologyError as err:
         raise typer.BadParameter(str(err), param_hint="PRESET") from err
-    shape = compile_shape(topology)
+    shape = preset_shape(preset)
     console.print(f"[bold]{topology.name}[/bold]: {topology.description}")
     console.print(_link_matrix(topology, shape))
     console.print(_domain_table(shape))
@@ -190,7 +190,7 @@ def _scenario(spec: dict[str, Any]) -> tuple[ClusterSnapshot, PodRequest]:
     nodes = [
         NodeInfo(
             n["name"],
-            compile_shape(load_preset(n["preset"])),
+            preset_shape(n["preset"]),
             int(n.get("cpu_milli", 64_000)),
             int(n.get("memory_mib", 512_000)),
             nvlink_domain=n.get("nvlink_domain"),

@@ -13,11 +13,10 @@ import datetime as dt
 import json
 import re
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 from tidal.placement import NodeInfo, PodInfo, PodRequest, Reservation, TopologyMode
-from tidal.topology import NodeShape, Tier, TopologyError, bits, compile_shape, load_preset, mask_of
+from tidal.topology import Tier, TopologyError, bits, mask_of, preset_shape
 
 GPU_RESOURCE = "nvidia.com/gpu"
 PREFIX = "tidal.dev/"
@@ -205,11 +204,6 @@ def pod_info(pod: dict[str, Any], gpus: int) -> PodInfo:
         start_time=started or 0.0,
         checkpoint_interval_s=float(interval) if interval else None,
     )
-
-
-@cache
-def preset_shape(preset: str) -> NodeShape:
-    return compile_shape(load_preset(preset))
 
 
 def node_info(node: dict[str, Any]) -> NodeInfo:

@@ -20,7 +20,7 @@ from tidal.simulator.data import (
 from tidal.simulator.engine import Replay
 from tidal.simulator.scenario import Scenario
 from tidal.simulator.workload import Workload, build_workload
-from tidal.topology import compile_shape, load_preset
+from tidal.topology import preset_shape
 
 OPENB = "openb-2023"
 QPS = "genai-qps-2026/qps.csv"
@@ -57,16 +57,9 @@ def prepare(scenario: Scenario) -> Inputs:
 
 
 def cluster_nodes(scenario: Scenario, root: Path) -> list[NodeInfo]:
-    shapes: dict[str, Any] = {}
-
-    def shape(preset: str) -> Any:
-        if preset not in shapes:
-            shapes[preset] = compile_shape(load_preset(preset))
-        return shapes[preset]
-
     if scenario.cluster == "synthetic":
         return [
-            NodeInfo(f"{preset}-{i:04d}", shape(preset), 128_000, 1_000_000)
+            NodeInfo(f"{preset}-{i:04d}", preset_shape(preset), 128_000, 1_000_000)
             for preset, count in scenario.synthetic_nodes.items()
             for i in range(count)
         ]
@@ -74,7 +67,7 @@ def cluster_nodes(scenario: Scenario, root: Path) -> list[NodeInfo]:
     if scenario.max_nodes is not None and scenario.max_nodes < len(trace):
         step = len(trace) / scenario.max_nodes  # an even sample keeps the model mix
         trace = [trace[int(i * step)] for i in range(scenario.max_nodes)]
-    return [NodeInfo(n.name, shape(n.preset), n.cpu_milli, n.memory_mib) for n in trace]
+    return [NodeInfo(n.name, preset_shape(n.preset), n.cpu_milli, n.memory_mib) for n in trace]
 
 
 def simulate(

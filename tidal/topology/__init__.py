@@ -12,7 +12,7 @@ from tidal.topology.model import (
     TopologyError,
     build_topology,
 )
-from tidal.topology.presets import load_preset, parse_topology, preset_names
+from tidal.topology.presets import load_preset, parse_topology, preset_names, preset_shape
 from tidal.topology.shape import NODE_TIERS, NodeShape, bits, compile_shape, mask_of
 
 __all__ = [
@@ -31,4 +31,5 @@ __all__ = [
     "mask_of",
     "parse_topology",
     "preset_names",
+    "preset_shape",
 ]

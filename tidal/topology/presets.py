@@ -8,6 +8,7 @@ from importlib import resources
 import yaml
 
 from tidal.topology.model import NodeTopology, TopologyError, build_topology
+from tidal.topology.shape import NodeShape, compile_shape
 
 _PRESET_PACKAGE = "tidal.topology.preset_data"
 
@@ -25,6 +26,12 @@ def load_preset(name: str) -> NodeTopology:
         raise TopologyError(f"unknown topology preset {name!r}; known: {', '.join(preset_names())}")
     text = resources.files(_PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text(encoding="utf-8")
     return parse_topology(text, source=f"preset {name}.yaml")
+
+
+@cache
+def preset_shape(name: str) -> NodeShape:
+    """The compiled shape of preset ``name``, built once per process (shapes are immutable)."""
+    return compile_shape(load_preset(name))
 
 
 def parse_topology(text: str, source: str) -> NodeTopology:

@@ -34,31 +34,11 @@ from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
 from tidal.devcluster import ClusterOptions, LocalCluster
-from tidal.devcluster.nodes import node_names
+from tidal.devcluster.nodes import gpu_pod, node_names
 
 PRESETS = ["dgx-h100", "dgx1-v100"]
 GPU_SIZES = (1, 1, 2, 4)  # mean 2 GPUs: two pods per node fill half of the cluster's GPUs
 NAMESPACE = "bench"
-
-
-def pod(name: str, gpus: int) -> dict[str, Any]:
-    return {
-        "metadata": {"name": name},
-        "spec": {
-            "schedulerName": "tidal-scheduler",
-            "terminationGracePeriodSeconds": 0,
-            "containers": [
-                {
-                    "name": "w",
-                    "image": "tidal/worker:bench",
-                    "resources": {
-                        "requests": {"cpu": "1", "memory": "4Gi"},
-                        "limits": {"nvidia.com/gpu": str(gpus)},
-                    },
-                }
-            ],
-        },
-    }
 
 
 def scheduler_metrics(local: LocalCluster) -> dict[str, Any]:
@@ -161,7 +141,9 @@ def run_size(nodes: int, pods_per_node: float, seed: int, extender: bool) -> dic
                 f"create {count} pods (scheduler stopped)",
                 lambda: list(
                     pool.map(
-                        lambda i: core.create_namespaced_pod(NAMESPACE, pod(f"p{i:06d}", sizes[i])),
+                        lambda i: core.create_namespaced_pod(
+                            NAMESPACE, gpu_pod(f"p{i:06d}", sizes[i], memory="4Gi")
+                        ),
                         range(count),
                     )
                 ),

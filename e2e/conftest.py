@@ -6,14 +6,14 @@ skipped, unless TIDAL_E2E=require (CI sets it), which turns a missing binary int
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tidal.devcluster import ClusterOptions, DevClusterError, LocalCluster, find_binaries
+from e2e.helpers import binaries_or_skip
+from tidal.devcluster import ClusterOptions, LocalCluster
 from tidal.devcluster.nodes import node_names
 
 E2E_DIR = Path(__file__).parent
@@ -30,12 +30,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    try:
-        binaries = find_binaries()
-    except DevClusterError as error:
-        if os.environ.get("TIDAL_E2E") == "require":
-            raise
-        pytest.skip(str(error))
+    binaries = binaries_or_skip()
     local = LocalCluster(
         ClusterOptions(workdir=tmp_path_factory.mktemp("cluster"), controller_manager=True),
         binaries,

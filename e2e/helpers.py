@@ -1,10 +1,15 @@
-"""Small helpers for e2e tests: polling with a readable failure, pod manifests."""
+"""Small helpers for e2e tests: polling with a readable failure, binaries or skip."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
+
+import pytest
+
+from tidal.devcluster import Binaries, DevClusterError, find_binaries
 
 T = TypeVar("T")
 
@@ -23,29 +28,11 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last: {last!r})")
 
 
-def gpu_pod(
-    name: str,
-    gpus: int,
-    *,
-    scheduler: str = "tidal-scheduler",
-    annotations: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "annotations": annotations or {}},
-        "spec": {
-            "schedulerName": scheduler,
-            "terminationGracePeriodSeconds": 0,
-            "containers": [
-                {
-                    "name": "worker",
-                    "image": "tidal/worker:e2e",
-                    "resources": {
-                        "requests": {"cpu": "1", "memory": "1Gi"},
-                        "limits": {"nvidia.com/gpu": str(gpus)},
-                    },
-                }
-            ],
-        },
-    }
+def binaries_or_skip() -> Binaries:
+    """The cached control-plane binaries; without them skip, unless TIDAL_E2E=require (CI)."""
+    try:
+        return find_binaries()
+    except DevClusterError as error:
+        if os.environ.get("TIDAL_E2E") == "require":
+            raise
+        pytest.skip(str(error))

@@ -9,9 +9,9 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from e2e.conftest import NODE_COUNT, NODE_PRESETS
-from e2e.helpers import gpu_pod, wait_for
+from e2e.helpers import wait_for
 from tidal.devcluster.binaries import K8S_VERSION
-from tidal.devcluster.nodes import PRESET_LABEL
+from tidal.devcluster.nodes import PRESET_LABEL, gpu_pod
 
 WIDGET_CRD = {
     "apiVersion": "apiextensions.k8s.io/v1",

@@ -6,7 +6,6 @@ Nodes are DGX-1V (hybrid cube-mesh): NVLink cliques of four are {0,1,2,3} and {4
 
 from __future__ import annotations
 
-import os
 import urllib.error
 import urllib.request
 import uuid
@@ -16,9 +15,9 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from e2e.helpers import gpu_pod, wait_for
-from tidal.devcluster import ClusterOptions, DevClusterError, LocalCluster, find_binaries
-from tidal.devcluster.nodes import node_names
+from e2e.helpers import binaries_or_skip, wait_for
+from tidal.devcluster import ClusterOptions, LocalCluster
+from tidal.devcluster.nodes import gpu_pod, node_names
 
 NODES = node_names(3, ["dgx1-v100"], prefix="cube")
 QUADS = ({0, 1, 2, 3}, {4, 5, 6, 7})
@@ -27,12 +26,7 @@ BATCH, ONLINE = "tidal-e2e-batch", "tidal-e2e-online"
 
 @pytest.fixture(scope="module")
 def tidal_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    try:
-        binaries = find_binaries()
-    except DevClusterError as error:
-        if os.environ.get("TIDAL_E2E") == "require":
-            raise
-        pytest.skip(str(error))
+    binaries = binaries_or_skip()
     local = LocalCluster(
         ClusterOptions(
             workdir=tmp_path_factory.mktemp("tidal-cluster"),

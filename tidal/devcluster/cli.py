@@ -131,6 +131,7 @@ def status(directory: DirOption = DEFAULT_DIR) -> None:
         ready_nodes = sum(node_ready(n) for n in nodes)
         console.print(f"nodes: {ready_nodes}/{len(nodes)} Ready")
     console.print(f"export KUBECONFIG={local.kubeconfig}")
+    console.print(f"kubectl: {default_binaries().path('kubectl')}")
 
 
 @app.command("down")

@@ -1,4 +1,4 @@
-"""Fake GPU nodes from topology presets, as Node manifests KWOK will manage."""
+"""Fake GPU nodes from topology presets (Node manifests KWOK will manage), and GPU pods for them."""
 
 from __future__ import annotations
 
@@ -58,3 +58,33 @@ def node_names(count: int, presets: list[str], prefix: str = "gpu-node") -> list
     if not presets:
         raise ValueError("presets: give at least one topology preset")
     return [(f"{prefix}-{i:05d}", presets[i % len(presets)]) for i in range(count)]
+
+
+def gpu_pod(
+    name: str,
+    gpus: int,
+    *,
+    scheduler: str = "tidal-scheduler",
+    annotations: dict[str, str] | None = None,
+    memory: str = "1Gi",
+) -> dict[str, Any]:
+    """A minimal pod asking for ``gpus`` whole GPUs (KWOK never runs its image)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "annotations": annotations or {}},
+        "spec": {
+            "schedulerName": scheduler,
+            "terminationGracePeriodSeconds": 0,
+            "containers": [
+                {
+                    "name": "worker",
+                    "image": "tidal/worker:fake",
+                    "resources": {
+                        "requests": {"cpu": "1", "memory": memory},
+                        "limits": {GPU_RESOURCE: str(gpus)},
+                    },
+                }
+            ],
+        },
+    }

@@ -264,9 +264,8 @@ class ClusterCache:
         with self.lock:
             if kind == "nodes":
                 names = {o["metadata"]["name"] for o in objects}
-                for name in set(self.snapshot.nodes) | set(self.node_problems) - names:
-                    if name not in names:
-                        self.delete_node(name)
+                for name in (set(self.snapshot.nodes) | set(self.node_problems)) - names:
+                    self.delete_node(name)
                 for node in objects:
                     self.upsert_node(node)
             elif kind == "pods":
@@ -290,9 +289,17 @@ class ClusterCache:
         meta = obj.get("metadata") or {}
         deleted = event_type == "DELETED"
         if kind == "nodes":
-            self.delete_node(meta["name"]) if deleted else self.upsert_node(obj)
+            if deleted:
+                self.delete_node(meta["name"])
+            else:
+                self.upsert_node(obj)
         elif kind == "pods":
-            self.delete_pod(meta["uid"]) if deleted else self.upsert_pod(obj)
+            if deleted:
+                self.delete_pod(meta["uid"])
+            else:
+                self.upsert_pod(obj)
         elif kind == "pdbs":
-            key = f"{meta.get('namespace')}/{meta.get('name')}"
-            self.delete_pdb(key) if deleted else self.upsert_pdb(obj)
+            if deleted:
+                self.delete_pdb(f"{meta.get('namespace')}/{meta.get('name')}")
+            else:
+                self.upsert_pdb(obj)

@@ -118,7 +118,7 @@ class Extender:
             held = self.cache.snapshot.reservations.get(request.uid)
             if held is not None:
                 return self._filter_reserved(request, held, args)
-            outcome = self._filter_nodes(request, args.node_names)
+            outcome = filter_nodes(self.cache.snapshot, request, args.node_names)
             result = self._split(outcome, args.node_names)
             if result[0]:
                 self._remember_scores(request, outcome)
@@ -166,9 +166,6 @@ class Extender:
             if problem is not None:
                 unresolvable[name] = problem
         return passed, failed, unresolvable
-
-    def _filter_nodes(self, request: PodRequest, names: list[str]) -> FilterResult:
-        return filter_nodes(self.cache.snapshot, request, names)
 
     def _filter_reserved(
         self, request: PodRequest, held: Reservation, args: FilterArgs

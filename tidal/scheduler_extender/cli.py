@@ -7,8 +7,6 @@ from typing import Annotated
 
 import typer
 
-from tidal.scheduler_extender.extender import ExtenderSettings
-
 
 def _existing_file(path: Path | None) -> Path | None:
     if path is not None and not path.is_file():
@@ -53,7 +51,9 @@ def extender_command(
     ] = "text",
 ) -> None:
     """Run the kube-scheduler HTTP extender (filter, prioritize, preempt, bind)."""
-    from tidal.scheduler_extender.run import ServeOptions, serve  # noqa: PLC0415 - heavy imports
+    # Heavy imports (prometheus, starlette, kubernetes) only when the extender really starts.
+    from tidal.scheduler_extender.extender import ExtenderSettings  # noqa: PLC0415
+    from tidal.scheduler_extender.run import ServeOptions, serve  # noqa: PLC0415
 
     if (tls_cert is None) != (tls_key is None):
         raise typer.BadParameter("--tls-cert and --tls-key go together")

@@ -17,6 +17,7 @@ from tidal.placement.plan import NoPlan, Plan, PlanResult
 from tidal.placement.planner import TopologyFirstPlanner, plan_cost
 from tidal.placement.policies import (
     POLICY_NAMES,
+    SCORING_STRATEGIES,
     AnchorLike,
     KubernetesDefault,
     Policy,
@@ -39,6 +40,7 @@ __all__ = [
     "COMPONENTS",
     "DEFAULT_ORDER",
     "POLICY_NAMES",
+    "SCORING_STRATEGIES",
     "AnchorLike",
     "Assignment",
     "ClusterSnapshot",

@@ -8,7 +8,7 @@ stay whole for the pods that need them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -143,37 +143,60 @@ def _shortage(free: int, request: PodRequest) -> Rejection:
 
 
 def best_placement(snapshot: ClusterSnapshot, request: PodRequest) -> Placement | None:
-    """The best-ranked free placement in the cluster, or None. Ranks nodes by the same key as
-    :attr:`Placement.rank` but builds a Placement only for the winner."""
-    best: tuple[tuple[int, int, int, str], NodeState, int, int] | None = None
-    tier = request.tier if request.aligned_only else Tier.NODE
-    tables: dict[NodeShape, bytearray] = {}
-    ignore_tier = request.mode is TopologyMode.NONE
-    blocks = snapshot.has_blocks()
-    for name, state in snapshot.nodes.items():
+    """The best-ranked free placement in the cluster, or None, by :attr:`Placement.rank`.
+
+    Nodes of one shape with one free GPU mask get the same GPU set and rank but for the name,
+    so this ranks the snapshot's free classes (a few hundred at most) and looks at nodes only to
+    find the first one by name with CPU and memory to spare. Nodes with reserved GPUs differ by
+    who asks and are ranked one by one."""
+    blocked = snapshot.blocked_nodes()
+    best: tuple[tuple[int, int, int, str], NodeShape, int, int] | None = None
+    for (shape, free), names in snapshot.free_classes().items():
+        ranked = _class_rank(shape, free, request.gpus, request.mode, request.tier)
+        if ranked is None or (best is not None and ranked[0] > best[0][:3]):
+            continue
+        name = _first_with_room(snapshot, names, request, blocked)
+        if name is not None and (best is None or (*ranked[0], name) < best[0]):
+            best = ((*ranked[0], name), shape, free, ranked[1])
+    for name in blocked:
+        state = snapshot.nodes[name]
         shape = state.info.shape
-        holds = tables.get(shape)
-        if holds is None:
-            holds = tables[shape] = _shape_facts(shape, request, tier)[0]
-        free = shape.full_mask & ~state.used
-        if blocks:
-            free &= ~snapshot.blocked_for(name, request.uid)
-        if not holds[free] or request.cpu_milli > state.cpu_free():
+        free = snapshot.free_gpus(name, request.uid)
+        ranked = _class_rank(shape, free, request.gpus, request.mode, request.tier)
+        if ranked is None or not _has_room(state, request):
             continue
-        if request.memory_mib > state.memory_free():
-            continue
-        gpus = choose_gpus(shape, free, request.gpus, request.mode, request.tier)
-        if gpus is None:
-            continue
-        short = 0 if ignore_tier else shape.shortfall(gpus, request.tier)
-        lost = shape.intact_value(free) - shape.intact_value(free & ~gpus)
-        rank = (short, lost, -shape.quality[gpus], name)
-        if best is None or rank < best[0]:
-            best = (rank, state, free, gpus)
+        if best is None or (*ranked[0], name) < best[0]:
+            best = ((*ranked[0], name), shape, free, ranked[1])
     if best is None:
         return None
-    _, state, free, gpus = best
-    return placement_of(state.name, state.info.shape, free, gpus, request)
+    rank, shape, free, gpus = best
+    return placement_of(rank[-1], shape, free, gpus, request)
+
+
+@lru_cache(maxsize=1 << 16)
+def _class_rank(
+    shape: NodeShape, free: int, size: int, mode: TopologyMode, tier: Tier
+) -> tuple[tuple[int, int, int], int] | None:
+    """(rank without the node name, GPU set) of the best placement in ``free``, or None."""
+    gpus = choose_gpus(shape, free, size, mode, tier)
+    if gpus is None:
+        return None
+    short = 0 if mode is TopologyMode.NONE else shape.shortfall(gpus, tier)
+    lost = shape.intact_value(free) - shape.intact_value(free & ~gpus)
+    return (short, lost, -shape.quality[gpus]), gpus
+
+
+def _first_with_room(
+    snapshot: ClusterSnapshot, names: list[str], request: PodRequest, skip: Mapping[str, object]
+) -> str | None:
+    for name in names:
+        if name not in skip and _has_room(snapshot.nodes[name], request):
+            return name
+    return None
+
+
+def _has_room(state: NodeState, request: PodRequest) -> bool:
+    return request.cpu_milli <= state.cpu_free() and request.memory_mib <= state.memory_free()
 
 
 def fit_node(

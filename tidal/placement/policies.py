@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,7 +24,6 @@ from tidal.placement.fit import (
     choose_gpus,
     first_free_gpus,
     placement_of,
-    static_rejection,
 )
 from tidal.placement.plan import NoPlan, Plan, PlanResult
 from tidal.placement.planner import TopologyFirstPlanner, plan_cost
@@ -86,35 +85,83 @@ class _NodeVictims:
 
 class _ReprievePolicy:
     """The kube-scheduler preemption skeleton; subclasses say what "fits" means and which GPUs
-    the pod gets."""
+    the pod gets. ``scoring`` is NodeResourcesFit's strategy: ``most-allocated`` (bin packing,
+    what GPU clusters configure for extended resources) or ``least-allocated`` (the spreading
+    default of a stock kube-scheduler)."""
 
     name = "reprieve"
 
-    def fits(self, shape: NodeShape, request: PodRequest) -> Fits:
+    def __init__(self, scoring: str = "most-allocated") -> None:
+        if scoring not in SCORING_STRATEGIES:
+            raise ValueError(f"scoring {scoring!r}: expected one of {SCORING_STRATEGIES}")
+        self.spread = scoring == "least-allocated"
+
+    def gpus_fit(self, shape: NodeShape, free: int, request: PodRequest) -> bool:
+        """Whether GPU set ``free`` holds the request, as this policy understands it."""
         raise NotImplementedError
 
     def pick_gpus(self, shape: NodeShape, free: int, request: PodRequest) -> int | None:
         raise NotImplementedError
 
+    def fits(self, shape: NodeShape, request: PodRequest) -> Fits:
+        def node_fits(free: int, cpu: int, memory: int) -> bool:
+            return (
+                cpu >= request.cpu_milli
+                and memory >= request.memory_mib
+                and self.gpus_fit(shape, free, request)
+            )
+
+        return node_fits
+
     def place(self, snapshot: ClusterSnapshot, request: PodRequest) -> Placement | None:
-        """kube-scheduler's default scoring: the least allocated node that fits."""
+        """NodeResourcesFit scoring with GPUs weighted first (the bin-packing setup GPU clusters
+        use for ``nvidia.com/gpu``): the node whose GPUs are most (or least) allocated once the
+        pod is on it, then CPU and memory the same way, then the name. Nodes are visited by free
+        class, best GPU fraction first, so a busy cluster costs a few classes, not every node."""
+        blocked = snapshot.blocked_nodes()
+        groups: dict[float, list[tuple[list[str], bool]]] = {}
+        for (shape, free), names in snapshot.free_classes().items():
+            if self.gpus_fit(shape, free, request):
+                groups.setdefault(self._gpu_rank(shape, free, request), []).append((names, True))
+        for name in blocked:
+            shape = snapshot.nodes[name].info.shape
+            free = snapshot.free_gpus(name, request.uid)
+            if self.gpus_fit(shape, free, request):
+                groups.setdefault(self._gpu_rank(shape, free, request), []).append(([name], False))
+        for rank in sorted(groups):
+            best = self._best_with_room(snapshot, request, groups[rank], blocked)
+            if best is not None:
+                return self._place_on(snapshot, best, request)
+        return None
+
+    def _gpu_rank(self, shape: NodeShape, free: int, request: PodRequest) -> float:
+        allocated = (shape.gpu_count - free.bit_count() + request.gpus) / shape.gpu_count
+        return allocated if self.spread else -allocated
+
+    def _best_with_room(
+        self,
+        snapshot: ClusterSnapshot,
+        request: PodRequest,
+        groups: list[tuple[list[str], bool]],
+        blocked: Mapping[str, object],
+    ) -> NodeState | None:
+        sign = 1 if self.spread else -1
         best: tuple[tuple[float, str], NodeState] | None = None
-        for name, state in snapshot.nodes.items():
-            # cheap count checks first: most nodes of a busy cluster fail them
-            if (state.info.shape.gpu_count - state.used.bit_count()) < request.gpus:
-                continue
-            if request.cpu_milli > state.cpu_free() or request.memory_mib > state.memory_free():
-                continue
-            rank = (_allocated_fraction(state), name)
-            if (best is None or rank < best[0]) and self._place_on(snapshot, state, request):
-                best = (rank, state)
-        return None if best is None else self._place_on(snapshot, best[1], request)
+        for names, from_class in groups:
+            for name in names:
+                if from_class and name in blocked:
+                    continue  # ranked on its own, with the GPUs this pod may use
+                state = snapshot.nodes[name]
+                if request.cpu_milli > state.cpu_free() or request.memory_mib > state.memory_free():
+                    continue
+                rank = (sign * _host_fraction(state, request), name)
+                if best is None or rank < best[0]:
+                    best = (rank, state)
+        return None if best is None else best[1]
 
     def _place_on(
         self, snapshot: ClusterSnapshot, state: NodeState, request: PodRequest
     ) -> Placement | None:
-        if static_rejection(state, request) is not None:
-            return None
         shape = state.info.shape
         free = snapshot.free_gpus(state.name, request.uid)
         if not self.fits(shape, request)(free, state.cpu_free(), state.memory_free()):
@@ -155,13 +202,23 @@ class _ReprievePolicy:
             nodes_evaluated=evaluated,
         )
 
+    def may_free_enough(
+        self, snapshot: ClusterSnapshot, request: PodRequest, state: NodeState
+    ) -> bool:
+        """A cheap necessary condition: evicting every pod the preemptor may evict frees GPUs
+        that hold it. Most nodes of a busy cluster fail it, so the costly search skips them."""
+        shape = state.info.shape
+        protected = state.protected_prefix[state.protected_count(request.priority)]
+        reachable = shape.full_mask & ~protected & ~snapshot.blocked_for(state.name, request.uid)
+        return self.gpus_fit(shape, reachable, request) and _allocatable_holds(state, request)
+
     def _select_victims(
         self, snapshot: ClusterSnapshot, request: PodRequest, state: NodeState
     ) -> _NodeVictims | None:
         """kube-scheduler's selectVictimsOnNode: remove every lower-priority pod; if the pod
         then fits, add pods back (PDB-violating ones first, each group by priority, highest
         first) while it still fits. The pods that could not come back are the victims."""
-        if static_rejection(state, request) is not None:
+        if not self.may_free_enough(snapshot, request, state):
             return None
         fits = self.fits(state.info.shape, request)
         potential = [p for p in state.pods if snapshot.evictable(p, request.uid, request.priority)]
@@ -191,15 +248,8 @@ class KubernetesDefault(_ReprievePolicy):
 
     name = "b0-default"
 
-    def fits(self, shape: NodeShape, request: PodRequest) -> Fits:
-        def count_fits(free: int, cpu: int, memory: int) -> bool:
-            return (
-                free.bit_count() >= request.gpus
-                and cpu >= request.cpu_milli
-                and memory >= request.memory_mib
-            )
-
-        return count_fits
+    def gpus_fit(self, shape: NodeShape, free: int, request: PodRequest) -> bool:
+        return free.bit_count() >= request.gpus
 
     def pick_gpus(self, shape: NodeShape, free: int, request: PodRequest) -> int | None:
         return first_free_gpus(free, request.gpus)
@@ -210,15 +260,10 @@ class AnchorLike(_ReprievePolicy):
 
     name = "b1-anchor"
 
-    def fits(self, shape: NodeShape, request: PodRequest) -> Fits:
-        def aligned_fits(free: int, cpu: int, memory: int) -> bool:
-            return (
-                cpu >= request.cpu_milli
-                and memory >= request.memory_mib
-                and _gpus_fit(shape, free, request)
-            )
-
-        return aligned_fits
+    def gpus_fit(self, shape: NodeShape, free: int, request: PodRequest) -> bool:
+        if request.mode is TopologyMode.GUARANTEED:
+            return bool(shape.has_aligned(request.gpus, request.tier)[free])
+        return free.bit_count() >= request.gpus
 
     def pick_gpus(self, shape: NodeShape, free: int, request: PodRequest) -> int | None:
         return choose_gpus(shape, free, request.gpus, request.mode, request.tier)
@@ -231,7 +276,10 @@ class SubsetEnumeration(AnchorLike):
 
     name = "b2-subsets"
 
-    def __init__(self, max_victims: int = 4, max_candidates: int = 16) -> None:
+    def __init__(
+        self, max_victims: int = 4, max_candidates: int = 16, scoring: str = "most-allocated"
+    ) -> None:
+        super().__init__(scoring)
         self.max_victims = max_victims
         self.max_candidates = max_candidates
 
@@ -239,7 +287,7 @@ class SubsetEnumeration(AnchorLike):
         best: tuple[tuple[float, ...], _NodeVictims] | None = None
         capped = 0
         for state in snapshot.nodes.values():
-            if static_rejection(state, request) is not None:
+            if not self.may_free_enough(snapshot, request, state):
                 continue
             found, was_capped = self._best_subset(snapshot, request, state)
             capped += was_capped
@@ -296,10 +344,9 @@ class SubsetEnumeration(AnchorLike):
         return (alignment, -shape.quality[gpus], len(subset), sum(p.priority for p in subset))
 
 
-def _gpus_fit(shape: NodeShape, free: int, request: PodRequest) -> bool:
-    if request.mode is TopologyMode.GUARANTEED:
-        return bool(shape.has_aligned(request.gpus, request.tier)[free])
-    return free.bit_count() >= request.gpus
+def _allocatable_holds(state: NodeState, request: PodRequest) -> bool:
+    info = state.info
+    return request.cpu_milli <= info.cpu_milli and request.memory_mib <= info.memory_mib
 
 
 def _by_importance(pods: Iterable[PodInfo]) -> list[PodInfo]:
@@ -324,25 +371,25 @@ def _split_by_pdb(
     return violating, respecting
 
 
-def _allocated_fraction(state: NodeState) -> float:
-    shape = state.info.shape
-    parts = [state.used.bit_count() / shape.gpu_count]
-    if state.info.cpu_milli:
-        parts.append(state.cpu_used / state.info.cpu_milli)
-    if state.info.memory_mib:
-        parts.append(state.memory_used / state.info.memory_mib)
-    return sum(parts) / len(parts)
+def _host_fraction(state: NodeState, request: PodRequest) -> float:
+    """Mean requested fraction of CPU and memory once ``request`` is on the node."""
+    info = state.info
+    cpu = (state.cpu_used + request.cpu_milli) / info.cpu_milli if info.cpu_milli else 0.0
+    memory = (state.memory_used + request.memory_mib) / info.memory_mib if info.memory_mib else 0.0
+    return (cpu + memory) / 2
 
 
 POLICY_NAMES = ("tidal", "b0-default", "b1-anchor", "b2-subsets")
+SCORING_STRATEGIES = ("most-allocated", "least-allocated")
 
 
-def make_policy(name: str) -> Policy:
+def make_policy(name: str, scoring: str = "most-allocated") -> Policy:
+    """A policy by name; ``scoring`` is the baselines' node scoring (ours has its own)."""
     factories: dict[str, Callable[[], Policy]] = {
         "tidal": TidalPolicy,
-        "b0-default": KubernetesDefault,
-        "b1-anchor": AnchorLike,
-        "b2-subsets": SubsetEnumeration,
+        "b0-default": lambda: KubernetesDefault(scoring),
+        "b1-anchor": lambda: AnchorLike(scoring),
+        "b2-subsets": lambda: SubsetEnumeration(scoring=scoring),
     }
     if name not in factories:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}")

@@ -210,12 +210,13 @@ class ClusterSnapshot:
         self.gangs: dict[str, set[str]] = {}
         self._blocked: dict[str, dict[str, int]] = {}
         self._promised: dict[str, str] = {}
+        self._classes: dict[tuple[NodeShape, int], list[str]] = {}
         by_node: dict[str, list[PodInfo]] = {}
         for pod in pods:
             self._index_pod(pod)
             by_node.setdefault(pod.node, []).append(pod)
         for info in nodes:
-            self.nodes[info.name] = NodeState.build(info, by_node.pop(info.name, []))
+            self._put(NodeState.build(info, by_node.pop(info.name, [])))
         if by_node:
             raise ValueError(f"pods on unknown nodes: {sorted(by_node)}")
         for reservation in reservations:
@@ -232,6 +233,7 @@ class ClusterSnapshot:
         clone.gangs = {g: set(m) for g, m in self.gangs.items()}
         clone._blocked = {n: dict(b) for n, b in self._blocked.items()}
         clone._promised = dict(self._promised)
+        clone._classes = {key: list(names) for key, names in self._classes.items()}
         return clone
 
     # -- queries ---------------------------------------------------------------------------
@@ -251,6 +253,15 @@ class ClusterSnapshot:
             if owner != preemptor:
                 mask |= gpus
         return mask
+
+    def blocked_nodes(self) -> Mapping[str, object]:
+        """Nodes with GPUs blocked by reservations (their free set depends on who asks)."""
+        return self._blocked
+
+    def free_classes(self) -> Mapping[tuple[NodeShape, int], list[str]]:
+        """Nodes grouped by (shape, free GPU mask before reservations), names sorted. Nodes in
+        one class are interchangeable for GPU fit, so placement scans classes, not nodes."""
+        return self._classes
 
     def promised_to(self, pod_uid: str) -> str | None:
         """The preemptor a pod is already promised to as a victim, if any."""
@@ -278,7 +289,7 @@ class ClusterSnapshot:
         if pod.gpus & ~state.info.shape.full_mask:
             raise ValueError(f"pod {pod.name}: GPU index beyond node {pod.node}'s GPUs")
         self._index_pod(pod)
-        self.nodes[pod.node] = NodeState.build(state.info, (*state.pods, pod))
+        self._put(NodeState.build(state.info, (*state.pods, pod)))
 
     def set_node(self, info: NodeInfo) -> None:
         """Add a node, or replace its facts (shape, allocatable, labels) keeping its pods."""
@@ -287,7 +298,7 @@ class ClusterSnapshot:
         for pod in pods:
             if pod.gpus & ~info.shape.full_mask:
                 raise ValueError(f"node {info.name}: pod {pod.name} holds GPUs the node lost")
-        self.nodes[info.name] = NodeState.build(info, pods)
+        self._put(NodeState.build(info, pods))
 
     def remove_node(self, name: str) -> list[PodInfo]:
         """Forget a node and the pods bound to it; returns those pods."""
@@ -295,7 +306,7 @@ class ClusterSnapshot:
         if state is None:
             return []
         removed = [self.remove_pod(pod.uid) for pod in state.pods]
-        del self.nodes[name]
+        self._unclass(self.nodes.pop(name))
         self._blocked.pop(name, None)
         return removed
 
@@ -304,7 +315,7 @@ class ClusterSnapshot:
         if pod.gang:
             self.gangs[pod.gang].discard(uid)
         state = self.nodes[pod.node]
-        self.nodes[pod.node] = NodeState.build(state.info, (p for p in state.pods if p.uid != uid))
+        self._put(NodeState.build(state.info, (p for p in state.pods if p.uid != uid)))
         promised_to = self._promised.get(uid)
         if promised_to is not None:
             # its GPUs are free now; only the preemptor's reserved set stays blocked
@@ -360,9 +371,33 @@ class ClusterSnapshot:
             self.release(reservation.preemptor)
         return stale
 
+    def _put(self, state: NodeState) -> None:
+        """Store a node's rebuilt state and move it to its free class."""
+        old = self.nodes.get(state.name)
+        if old is not None:
+            if old.used == state.used and old.info.shape is state.info.shape:
+                self.nodes[state.name] = state
+                return
+            self._unclass(old)
+        self.nodes[state.name] = state
+        names = self._classes.setdefault(_class_key(state), [])
+        bisect.insort(names, state.name)
+
+    def _unclass(self, state: NodeState) -> None:
+        key = _class_key(state)
+        names = self._classes[key]
+        del names[bisect.bisect_left(names, state.name)]
+        if not names:
+            del self._classes[key]
+
     def _index_pod(self, pod: PodInfo) -> None:
         if pod.uid in self.pods:
             raise ValueError(f"duplicate pod uid {pod.uid}")
         self.pods[pod.uid] = pod
         if pod.gang:
             self.gangs.setdefault(pod.gang, set()).add(pod.uid)
+
+
+def _class_key(state: NodeState) -> tuple[NodeShape, int]:
+    shape = state.info.shape
+    return (shape, shape.full_mask & ~state.used)

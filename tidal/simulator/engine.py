@@ -34,7 +34,7 @@ from tidal.topology import Tier
 
 ONLINE_PRIORITY = 1000
 BATCH_PRIORITY = 10
-BATCH_TRIES_PER_PASS = 64  # pending batch jobs tried per scheduling pass (kube-scheduler backs off)
+BATCH_MISSES_PER_SIZE = 4  # misses of one GPU count before a pass stops trying that count
 CASCADE_WINDOW_S = 600.0
 
 
@@ -54,6 +54,31 @@ class _Replica:
     service: ServiceSpec
     tier: Tier | None = None  # achieved tier once bound
     node: str | None = None
+
+
+class _BatchQueue:
+    """Pending batch jobs by GPU count, each count oldest first."""
+
+    def __init__(self) -> None:
+        self._by_size: dict[int, list[tuple[float, str]]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(h) for h in self._by_size.values())
+
+    def push(self, size: int, arrival: float, uid: str) -> None:
+        heapq.heappush(self._by_size.setdefault(size, []), (arrival, uid))
+
+    def sizes(self) -> list[int]:
+        return [size for size, heap in self._by_size.items() if heap]
+
+    def has(self, size: int) -> bool:
+        return bool(self._by_size.get(size))
+
+    def peek(self, size: int) -> tuple[float, str]:
+        return self._by_size[size][0]
+
+    def pop(self, size: int) -> tuple[float, str]:
+        return heapq.heappop(self._by_size[size])
 
 
 @dataclass(order=True)
@@ -82,7 +107,7 @@ class Replay:
         self.metrics = Metrics(policy.name, workload.total_gpus, scenario)
         self.on_progress = on_progress
         self.jobs = {j.uid: _Job(j, j.work_s) for j in workload.jobs}
-        self.pending_batch: deque[str] = deque()
+        self.pending_batch = _BatchQueue()
         self.pending_online: deque[_Replica] = deque()
         self.replicas: dict[str, list[_Replica]] = {s.name: [] for s in scenario.services}
         self.binding: dict[str, tuple[_Replica, Plan]] = {}
@@ -110,7 +135,8 @@ class Replay:
     # -- events ------------------------------------------------------------------------------
 
     def _on_arrive(self, uid: object) -> None:
-        self.pending_batch.append(str(uid))
+        job = self.jobs[str(uid)].spec
+        self.pending_batch.push(job.gpus, job.arrival, job.uid)
         self._schedule_batch()
 
     def _on_done(self, data: object) -> None:
@@ -236,35 +262,51 @@ class Replay:
     # -- batch -------------------------------------------------------------------------------
 
     def _schedule_batch(self) -> None:
-        tries = min(BATCH_TRIES_PER_PASS, len(self.pending_batch))
-        room = self._largest_free_count()
-        for _ in range(tries):
-            uid = self.pending_batch.popleft()
-            job = self.jobs[uid]
-            if job.spec.gpus > room:
-                self.pending_batch.append(uid)  # no node has that many free GPUs: skip the scan
-                continue
-            request = PodRequest(
-                uid,
-                uid,
-                job.spec.gpus,
-                BATCH_PRIORITY,
-                job.spec.cpu_milli,
-                job.spec.memory_mib,
-                TopologyMode.NONE,
-                Tier.NODE,
-            )
-            started = time.perf_counter()
-            placement = self.policy.place(self.snapshot, request)
-            self.metrics.decision("place", time.perf_counter() - started)
-            if placement is None:
-                self.pending_batch.append(uid)
-            else:
-                self._start_job(job, placement)
+        """One scheduling pass over the pending batch jobs, oldest first. Like kube-scheduler's
+        unschedulable queue, a job that does not fit is set aside and the next one is tried, so
+        a big job never blocks small ones behind it; after a few misses of one GPU count the
+        rest of that count waits for the next pass (they would miss too)."""
+        queue = self.pending_batch
+        heads = [(queue.peek(size), size) for size in queue.sizes()]
+        heapq.heapify(heads)
+        missed: list[tuple[float, str]] = []
+        misses: dict[int, int] = {}
+        failed: list[tuple[int, int, int]] = []  # (gpus, cpu, memory) that did not fit
+        while heads:
+            _, size = heapq.heappop(heads)
+            entry = queue.pop(size)
+            job = self.jobs[entry[1]]
+            if not self._try_start(job, failed):
+                missed.append(entry)
+                misses[size] = misses.get(size, 0) + 1
+            if misses.get(size, 0) < BATCH_MISSES_PER_SIZE and queue.has(size):
+                heapq.heappush(heads, (queue.peek(size), size))
+        for arrival, uid in missed:
+            queue.push(self.jobs[uid].spec.gpus, arrival, uid)
 
-    def _largest_free_count(self) -> int:
-        snapshot = self.snapshot
-        return max((snapshot.free_gpus(name).bit_count() for name in snapshot.nodes), default=0)
+    def _try_start(self, job: _Job, failed: list[tuple[int, int, int]]) -> bool:
+        spec = job.spec
+        need = (spec.gpus, spec.cpu_milli, spec.memory_mib)
+        if any(need[0] >= g and need[1] >= c and need[2] >= m for g, c, m in failed):
+            return False  # needs at least as much as a job that just failed
+        request = PodRequest(
+            spec.uid,
+            spec.uid,
+            spec.gpus,
+            BATCH_PRIORITY,
+            spec.cpu_milli,
+            spec.memory_mib,
+            TopologyMode.NONE,
+            Tier.NODE,
+        )
+        started = time.perf_counter()
+        placement = self.policy.place(self.snapshot, request)
+        self.metrics.decision("place", time.perf_counter() - started)
+        if placement is None:
+            failed.append(need)
+            return False
+        self._start_job(job, placement)
+        return True
 
     def _start_job(self, job: _Job, placement: Placement) -> None:
         now = self.snapshot.now
@@ -301,7 +343,7 @@ class Replay:
             self.metrics.cascades += 1
         job.run_start = None
         job.epoch += 1
-        self.pending_batch.appendleft(uid)
+        self.pending_batch.push(job.spec.gpus, job.spec.arrival, uid)  # keeps its place
         return (ran - saved) * job.spec.gpus
 
     def _push(self, at: float, kind: str, data: object = None) -> None:

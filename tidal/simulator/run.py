@@ -81,7 +81,13 @@ def simulate(
             if on_progress:
                 on_progress(policy, now)
 
-        replay = Replay(scenario, inputs.nodes, inputs.workload, make_policy(name), progress)
+        replay = Replay(
+            scenario,
+            inputs.nodes,
+            inputs.workload,
+            make_policy(name, scenario.baseline_scoring),
+            progress,
+        )
         metrics = replay.run()
         results.append({"summary": metrics.summary(), "series": metrics.series})
     return {

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from tidal.placement import POLICY_NAMES, TopologyMode
+from tidal.placement import POLICY_NAMES, SCORING_STRATEGIES, TopologyMode
 from tidal.topology import Tier, preset_names
 
 
@@ -28,10 +28,13 @@ class ServiceSpec:
     tier: Tier = Tier.NVLINK
 
 
+# The default mix must be placeable on the openb cluster, whose 8-GPU nodes are mostly PCIe
+# (L40S-like, 4 GPUs per NUMA node) with a few DGX-1s: TP4 asks for one NUMA node (guaranteed),
+# which PCIe and NVLink nodes can both give; TP2 prefers NVLink but takes a PCIe switch.
 DEFAULT_SERVICES = (
-    ServiceSpec("chat-8b", 1, 0.2, TopologyMode.NONE, Tier.NODE),
-    ServiceSpec("code-13b", 2, 0.3, TopologyMode.BEST_EFFORT, Tier.NVLINK),
-    ServiceSpec("chat-70b", 4, 0.4, TopologyMode.GUARANTEED, Tier.NVLINK),
+    ServiceSpec("chat-8b", 1, 0.25, TopologyMode.NONE, Tier.NODE),
+    ServiceSpec("code-34b", 2, 0.3, TopologyMode.BEST_EFFORT, Tier.NVLINK),
+    ServiceSpec("chat-70b", 4, 0.35, TopologyMode.GUARANTEED, Tier.NUMA),
     ServiceSpec("reason-70b", 4, 0.1, TopologyMode.BEST_EFFORT, Tier.NVLINK),
 )
 
@@ -64,6 +67,7 @@ class Scenario:
     services: tuple[ServiceSpec, ...] = DEFAULT_SERVICES
     tier_throughput: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TIER_THROUGHPUT))
     policies: tuple[str, ...] = POLICY_NAMES
+    baseline_scoring: str = "most-allocated"  # the baselines' node scoring (NodeResourcesFit)
     data_dir: Path | None = None  # default: ../shared/data beside the checkout
 
     def quick(self) -> Scenario:
@@ -131,6 +135,11 @@ def _validate(s: Scenario) -> None:
         (s.checkpoint_interval_s > 0, "checkpoint_interval_s", "must be > 0"),
         (s.max_nodes is None or s.max_nodes > 0, "max_nodes", "must be > 0"),
         (all(p in POLICY_NAMES for p in s.policies), "policies", f"each one of {POLICY_NAMES}"),
+        (
+            s.baseline_scoring in SCORING_STRATEGIES,
+            "baseline_scoring",
+            f"one of {SCORING_STRATEGIES}",
+        ),
         (all(n in preset_names() for n in s.synthetic_nodes), "synthetic_nodes", "unknown preset"),
         (all(t.tensor_parallel in (1, 2, 4, 8) for t in s.services), "services", "TP in 1,2,4,8"),
     ]

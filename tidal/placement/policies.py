@@ -383,10 +383,19 @@ POLICY_NAMES = ("tidal", "b0-default", "b1-anchor", "b2-subsets")
 SCORING_STRATEGIES = ("most-allocated", "least-allocated")
 
 
-def make_policy(name: str, scoring: str = "most-allocated") -> Policy:
-    """A policy by name; ``scoring`` is the baselines' node scoring (ours has its own)."""
+def make_policy(
+    name: str, scoring: str = "most-allocated", deadline_s: float | None = None
+) -> Policy:
+    """A policy by name; ``scoring`` is the baselines' node scoring (ours has its own);
+    ``deadline_s`` bounds our planner's search (None: its default; a replay that must be
+    reproducible passes infinity, since a time bound makes plans depend on machine load)."""
+    planner = (
+        TopologyFirstPlanner()
+        if deadline_s is None
+        else TopologyFirstPlanner(deadline_s=deadline_s)
+    )
     factories: dict[str, Callable[[], Policy]] = {
-        "tidal": TidalPolicy,
+        "tidal": lambda: TidalPolicy(planner),
         "b0-default": lambda: KubernetesDefault(scoring),
         "b1-anchor": lambda: AnchorLike(scoring),
         "b2-subsets": lambda: SubsetEnumeration(scoring=scoring),

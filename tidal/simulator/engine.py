@@ -27,7 +27,7 @@ from tidal.placement import (
     Reservation,
     TopologyMode,
 )
-from tidal.simulator.metrics import Metrics
+from tidal.simulator.metrics import Metrics, Preemption
 from tidal.simulator.scenario import Scenario, ServiceSpec
 from tidal.simulator.workload import BatchJob, Workload
 from tidal.topology import Tier
@@ -52,8 +52,10 @@ class _Job:
 class _Replica:
     uid: str
     service: ServiceSpec
+    created: float
     tier: Tier | None = None  # achieved tier once bound
     node: str | None = None
+    preempted_at: float | None = None  # when a preemption was carried out for it
 
 
 class _BatchQueue:
@@ -146,7 +148,7 @@ class Replay:
         if job.epoch != epoch or job.run_start is None:
             return  # preempted since this completion was planned
         self.snapshot.remove_pod(uid)
-        self.metrics.job_completed(job.spec)
+        self.metrics.job_completed(job.spec, self.snapshot.now)
         job.run_start = None
         job.remaining_s = 0
         self._schedule_batch()
@@ -159,20 +161,22 @@ class Replay:
         self._autoscale(self.workload.replica_targets(self.scenario, now))
         self._schedule_online()
         self._schedule_batch()
-        self.metrics.sample(now, self.snapshot, self._served())
+        pending = (len(self.pending_online) + len(self.binding), len(self.pending_batch))
+        self.metrics.sample(now, self.snapshot, self._served(), pending)
 
     def _on_bind(self, uid: object) -> None:
         replica, plan = self.binding.pop(str(uid))
         self.snapshot.release(replica.uid)
         if replica not in self.replicas[replica.service.name]:
-            self._schedule_batch()  # scaled down while waiting: the GPUs go back to the pool
+            self.metrics.preemptor_outcome(None)  # scaled down while waiting: a wasted preemption
+            self._schedule_batch()
             return
-        shape = self.snapshot.nodes[plan.node].info.shape
         if plan.gpus & ~self.snapshot.free_gpus(plan.node, replica.uid):
-            self.metrics.double_allocations += 1
+            self.metrics.double_allocations += 1  # must stay zero: reservations prevent it
+            self.metrics.preemptor_outcome(None)
             self.pending_online.append(replica)
             return
-        self._bind_replica(replica, plan.node, plan.gpus, shape.tier_of(plan.gpus))
+        self._bind_replica(replica, plan.node, plan.gpus)
 
     # -- online ------------------------------------------------------------------------------
 
@@ -181,7 +185,8 @@ class Replay:
             running = self.replicas[service.name]
             target = targets[service.name]
             while len(running) < target:
-                replica = _Replica(f"{service.name}-{next(self.replica_ids)}", service)
+                uid = f"{service.name}-{next(self.replica_ids)}"
+                replica = _Replica(uid, service, created=self.snapshot.now)
                 running.append(replica)
                 self.pending_online.append(replica)
             while len(running) > target:
@@ -205,7 +210,7 @@ class Replay:
         placement = self.policy.place(self.snapshot, request)
         self.metrics.decision("place", time.perf_counter() - started)
         if placement is not None:
-            self._bind_replica(replica, placement.node, placement.gpus, placement.tier)
+            self._bind_replica(replica, placement.node, placement.gpus)
             return True
         started = time.perf_counter()
         plan = self.policy.preempt(self.snapshot, request)
@@ -218,21 +223,30 @@ class Replay:
     def _carry_out(self, replica: _Replica, request: PodRequest, plan: Plan) -> None:
         now = self.snapshot.now
         lost = 0.0
-        victim_gpus = 0
-        for uid in plan.victims:
-            victim = self.snapshot.pods[uid]
+        victims = [self.snapshot.pods[uid] for uid in plan.victims]
+        for victim in victims:
             if victim.priority >= request.priority or not victim.preemptible:
                 self.metrics.priority_inversions += 1
-            victim_gpus += victim.gpu_count
-            lost += self._evict(uid)
+            lost += self._evict(victim.uid)
         shape = self.snapshot.nodes[plan.node].info.shape
-        self.metrics.preemption(request, plan, shape, lost, victim_gpus)
+        workloads = len({v.workload or v.uid for v in victims})
+        gpus = sum(v.gpu_count for v in victims)
+        self.metrics.preemption(Preemption(request, plan, shape, gpus, workloads, lost))
+        replica.preempted_at = now
         expiry = now + self.scenario.grace_period_s * 4
         self.snapshot.reserve(Reservation(replica.uid, plan.node, plan.gpus, frozenset(), expiry))
         self.binding[replica.uid] = (replica, plan)
         self._push(now + self.scenario.grace_period_s, "bind", replica.uid)
 
-    def _bind_replica(self, replica: _Replica, node: str, gpus: int, tier: Tier) -> None:
+    def _bind_replica(self, replica: _Replica, node: str, gpus: int) -> None:
+        now = self.snapshot.now
+        shape = self.snapshot.nodes[node].info.shape
+        service = replica.service
+        preempted = replica.preempted_at is not None
+        if replica.preempted_at is not None:
+            self.metrics.preemptor_outcome(now - replica.preempted_at)
+        aligned = shape.is_aligned(gpus, service.tier)
+        self.metrics.online_bound_at(service.mode, aligned, now - replica.created, preempted)
         pod = PodInfo(
             uid=replica.uid,
             name=replica.uid,
@@ -244,7 +258,7 @@ class Replay:
             start_time=self.snapshot.now,
         )
         self.snapshot.add_pod(pod)
-        replica.node, replica.tier = node, tier
+        replica.node, replica.tier = node, shape.tier_of(gpus)
 
     def _served(self) -> tuple[float, float]:
         """(demanded, served) replica-equivalents: a replica on a weaker tier serves less."""

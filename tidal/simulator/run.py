@@ -3,6 +3,7 @@ policy on the same event stream."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ def simulate(
             scenario,
             inputs.nodes,
             inputs.workload,
-            make_policy(name, scenario.baseline_scoring),
+            make_policy(name, scenario.baseline_scoring, math.inf),
             progress,
         )
         metrics = replay.run()

@@ -59,11 +59,12 @@ class Scenario:
     cluster: str = "openb"  # "openb" (the trace's GPU nodes) or "synthetic"
     synthetic_nodes: dict[str, int] = field(default_factory=lambda: {"dgx1-v100": 32})
     max_nodes: int | None = None  # sample this many openb nodes (None: all)
-    batch_load: float = 0.7  # mean batch GPU demand as a fraction of cluster GPUs
+    batch_load: float = 1.0  # offered batch GPU demand / cluster GPUs (batch fills what is left)
     max_batch_hours: float = 8.0  # trace durations are capped at this
     online_peak: float = 0.45  # online GPU demand at the daily peak, fraction of cluster GPUs
     checkpoint_interval_s: float = 1800.0
-    grace_period_s: float = 30.0
+    grace_period_s: float = 30.0  # victims' termination grace; the preemptor binds after it
+    preemption_window_s: float = 600.0  # M2: a preemptor bound within this counts as a success
     services: tuple[ServiceSpec, ...] = DEFAULT_SERVICES
     tier_throughput: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TIER_THROUGHPUT))
     policies: tuple[str, ...] = POLICY_NAMES

@@ -4,7 +4,6 @@ our planner against brute force over all victim subsets on small instances."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -25,8 +24,8 @@ from tidal.placement import (
     filter_nodes,
     make_policy,
 )
-from tidal.placement.cost import CostTuple
-from tidal.topology import NODE_TIERS, Tier, bits, mask_of
+from tidal.simulator.optimality import brute_force
+from tidal.topology import NODE_TIERS, Tier, mask_of
 
 SHAPES = ["two-quads", "dgx1-v100", "pcie-8x-l40s", "a100-pcie-nvlink-pairs", "dgx-h100"]
 PRIORITIES = [0, 10, 10, 100, 100, 1000, 5000]
@@ -112,7 +111,7 @@ def test_our_victims_are_exactly_the_pods_on_the_target_set(
 @given(clusters(), requests)
 def test_planner_cost_equals_brute_force(snap: ClusterSnapshot, request: PodRequest) -> None:
     result = TopologyFirstPlanner(deadline_s=60).plan(snap, request)
-    expected = _brute_force(snap, request)
+    expected = brute_force(snap, request)
     if best_placement(snap, request) is not None:
         assert isinstance(result, NoPlan)
         return
@@ -122,54 +121,6 @@ def test_planner_cost_equals_brute_force(snap: ClusterSnapshot, request: PodRequ
     assert isinstance(result, Plan)
     event("planned")
     assert tuple(result.cost.as_dict().values()) == expected  # optimality gap 0
-
-
-def _brute_force(snap: ClusterSnapshot, request: PodRequest) -> CostTuple | None:
-    """Every subset of evictable pods on every node, every GPU set in what it frees."""
-    best: CostTuple | None = None
-    for state in snap.nodes.values():
-        shape = state.info.shape
-        if request.gpus > shape.gpu_count:
-            continue
-        evictable = [p for p in state.pods if p.preemptible and p.priority < request.priority]
-        free = shape.full_mask & ~state.used
-        for size in range(1, len(evictable) + 1):
-            for victims in itertools.combinations(evictable, size):
-                freed = free
-                for v in victims:
-                    freed |= v.gpus
-                for target in itertools.combinations(bits(freed), request.gpus):
-                    cost = _cost(snap, request, state, free, victims, mask_of(target))
-                    if cost is not None and (best is None or cost < best):
-                        best = cost
-    return best
-
-
-def _cost(snap, request, state, free, victims, target) -> CostTuple | None:  # type: ignore[no-untyped-def]
-    shape = state.info.shape
-    if request.mode is TopologyMode.GUARANTEED and not shape.is_aligned(target, request.tier):
-        return None
-    per_pdb: dict[str, int] = {}
-    for v in victims:
-        if v.pdb:
-            per_pdb[v.pdb] = per_pdb.get(v.pdb, 0) + 1
-    violations = sum(max(0, n - snap.pdbs[name].disruptions_allowed) for name, n in per_pdb.items())
-    freed = 0
-    for v in victims:
-        freed |= v.gpus
-    shortfall = 0 if request.mode is TopologyMode.NONE else shape.shortfall(target, request.tier)
-    return (
-        violations,
-        max(v.priority for v in victims),
-        shortfall,
-        sum(v.lost_work(snap.now) for v in victims),
-        len(victims),
-        len({v.workload or v.uid for v in victims}),
-        sum(v.gpu_count for v in victims) - (target & state.used).bit_count(),
-        -shape.intact_value((free | freed) & ~target),
-        -shape.quality[target],
-        -shape.bottleneck[target],
-    )
 
 
 def test_tier_enum_round_trips() -> None:

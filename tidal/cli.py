@@ -239,7 +239,13 @@ def simulate_command(
     policy: Annotated[
         list[str] | None, typer.Option(help="Policies to replay (default: all).")
     ] = None,
-    out: Annotated[Path, typer.Option(help="Folder for results.json.")] = Path("out/simulate"),
+    out: Annotated[Path, typer.Option(help="Folder for results.json and overview.png.")] = Path(
+        "out/simulate"
+    ),
+    plots: Annotated[bool, typer.Option(help="Write the overview figure.")] = True,
+    workers: Annotated[
+        int | None, typer.Option(help="Processes replaying policies (default: one per core).")
+    ] = None,
 ) -> None:
     """Replay a day of real traces through the placement core, every policy side by side."""
     try:
@@ -256,7 +262,9 @@ def simulate_command(
     with Progress(console=console, transient=True) as progress:
         tasks = {p: progress.add_task(f"replaying {p}", total=horizon) for p in scenario.policies}
         try:
-            result = simulate(scenario, lambda p, now: progress.update(tasks[p], completed=now))
+            result = simulate(
+                scenario, lambda p, now: progress.update(tasks[p], completed=now), workers
+            )
         except DataError as err:
             console.print(f"[red]error:[/red] {err}")
             raise typer.Exit(1) from err
@@ -264,6 +272,39 @@ def simulate_command(
     (out / "results.json").write_text(json.dumps(result, indent=1))
     console.print(_summary_table(result))
     console.print(f"results: {out / 'results.json'}")
+    if plots:
+        from tidal.simulator.plots import write_overview  # noqa: PLC0415  (matplotlib is slow to import)
+
+        console.print(f"figure:  {write_overview(result, out / 'overview.png')}")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    out: Annotated[
+        Path, typer.Option(help="Folder for evaluation.md and evaluation/ (figures, JSON).")
+    ] = Path("docs"),
+    quick: Annotated[bool, typer.Option(help="Sampled clusters: a minute, not ten.")] = False,
+) -> None:
+    """Regenerate the evaluation report: the bundled scenarios with every policy, the
+    throughput-model sweep and the optimality gap against brute force."""
+    from tidal.simulator.evaluation import SCENARIOS, evaluate  # noqa: PLC0415  (matplotlib)
+
+    command = "tidal evaluate" + (" --quick" if quick else "") + f" --out {out}"
+    with Progress(console=console, transient=True) as progress:
+        tasks: dict[tuple[str, str], Any] = {}
+
+        def update(scenario: str, policy: str, now: float) -> None:
+            key = (scenario, policy)
+            if key not in tasks:
+                tasks[key] = progress.add_task(f"{scenario}: {policy}", total=24 * 3600)
+            progress.update(tasks[key], completed=now)
+
+        try:
+            report = evaluate(out, quick, update, command)
+        except (DataError, ScenarioError) as err:
+            console.print(f"[red]error:[/red] {err}")
+            raise typer.Exit(1) from err
+    console.print(f"report: {report} ({len(SCENARIOS)} scenarios)")
 
 
 def _summary_table(result: dict[str, Any]) -> Table:

@@ -162,7 +162,7 @@ class Replay:
         self._schedule_online()
         self._schedule_batch()
         pending = (len(self.pending_online) + len(self.binding), len(self.pending_batch))
-        self.metrics.sample(now, self.snapshot, self._served(), pending)
+        self.metrics.sample(now, self.snapshot, self._placed_by_tier(), pending)
 
     def _on_bind(self, uid: object) -> None:
         replica, plan = self.binding.pop(str(uid))
@@ -260,18 +260,20 @@ class Replay:
         self.snapshot.add_pod(pod)
         replica.node, replica.tier = node, shape.tier_of(gpus)
 
-    def _served(self) -> tuple[float, float]:
-        """(demanded, served) replica-equivalents: a replica on a weaker tier serves less."""
-        demanded = served = 0.0
-        throughput = self.scenario.tier_throughput
+    def _placed_by_tier(self) -> tuple[int, dict[str, int]]:
+        """(replicas demanded, bound replicas by the tier they achieved; "tp1" for single-GPU
+        replicas, which no tier slows down). Kept per step, so the report can re-weigh served
+        load under any throughput model without replaying."""
+        demanded = 0
+        placed: dict[str, int] = {}
         for running in self.replicas.values():
             demanded += len(running)
             for replica in running:
                 if replica.node is None or replica.tier is None:
                     continue
-                tp1 = replica.service.tensor_parallel == 1
-                served += 1.0 if tp1 else throughput.get(replica.tier.label, 0.5)
-        return demanded, served
+                label = "tp1" if replica.service.tensor_parallel == 1 else replica.tier.label
+                placed[label] = placed.get(label, 0) + 1
+        return demanded, placed
 
     # -- batch -------------------------------------------------------------------------------
 

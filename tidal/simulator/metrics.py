@@ -59,7 +59,7 @@ class Metrics:
     double_allocations: int = 0
     leaked_reservations: int = 0
     latency_s: dict[str, list[float]] = field(default_factory=lambda: {"place": [], "preempt": []})
-    series: list[dict[str, float]] = field(default_factory=list)  # per step
+    series: list[dict[str, Any]] = field(default_factory=list)  # per step
 
     def preemption(self, done: Preemption) -> None:
         self.preemptions += 1
@@ -101,18 +101,19 @@ class Metrics:
         self,
         now: float,
         snapshot: ClusterSnapshot,
-        served: tuple[float, float],
+        placed: tuple[int, dict[str, int]],
         pending: tuple[int, int],
     ) -> None:
         used = sum(s.used.bit_count() for s in snapshot.nodes.values())
-        demanded, delivered = served
+        demanded, by_tier = placed
         self.series.append(
             {
                 "t_h": now / 3600,
                 "allocation": used / self.total_gpus,
                 "intact": _intact_fraction(snapshot),
                 "online_demand": demanded,
-                "online_served": delivered,
+                "online_served": served_load(by_tier, self.scenario.tier_throughput),
+                "placed_by_tier": by_tier,
                 "online_pending": pending[0],
                 "batch_pending": pending[1],
                 "preemptions": self.preemptions,
@@ -166,6 +167,15 @@ class Metrics:
             "M11_preempt_p99_ms": _quantile(self.latency_s["preempt"], 0.99) * 1000,
             "preemptions": self.preemptions,
         }
+
+
+def served_load(placed_by_tier: dict[str, int], throughput: dict[str, float]) -> float:
+    """Replica-equivalents served: single-GPU replicas serve fully, a tensor-parallel replica
+    at its tier's relative throughput (the scenario's stated model; unknown tiers 0.5)."""
+    return sum(
+        count * (1.0 if label == "tp1" else throughput.get(label, 0.5))
+        for label, count in placed_by_tier.items()
+    )
 
 
 def _intact_fraction(snapshot: ClusterSnapshot) -> float:

@@ -72,11 +72,29 @@ class Scenario:
     data_dir: Path | None = None  # default: ../shared/data beside the checkout
 
     def quick(self) -> Scenario:
-        """The same scenario on a sample of the cluster, for a run of seconds."""
-        return dataclasses.replace(self, max_nodes=min(self.max_nodes or 160, 160), step_s=600.0)
+        """The same scenario on a sample of the cluster (160 openb nodes, or a quarter of each
+        synthetic preset), for a run of seconds."""
+        quarter = {preset: max(1, count // 4) for preset, count in self.synthetic_nodes.items()}
+        return dataclasses.replace(
+            self,
+            max_nodes=min(self.max_nodes or 160, 160),
+            synthetic_nodes=quarter,
+            step_s=600.0,
+        )
+
+
+BUNDLED = Path(__file__).with_name("scenarios")
+
+
+def bundled_scenarios() -> list[str]:
+    """Names of the scenario files shipped with tidal (``tidal/simulator/scenarios``)."""
+    return sorted(p.stem for p in BUNDLED.glob("*.yaml"))
 
 
 def load_scenario(path: Path) -> Scenario:
+    """A scenario from a YAML file, or a bundled scenario by name (see bundled_scenarios)."""
+    if not path.exists() and (BUNDLED / f"{path}.yaml").is_file():
+        path = BUNDLED / f"{path}.yaml"
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as err:

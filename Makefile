@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint typecheck contracts unit e2e-binaries bench bench-k8s dev-cluster clean
+.PHONY: setup demo report test lint typecheck contracts unit e2e-binaries bench bench-k8s dev-cluster clean
 
 $(BIN)/tidal: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ setup: $(BIN)/tidal
 demo: setup
 	$(BIN)/tidal simulate --quick
 	$(BIN)/tidal plan examples/plan-two-cliques.yaml
+
+# The evaluation report (docs/evaluation.md and docs/evaluation/): every bundled scenario, every
+# policy, a full simulated day each (about 5 min on 2 cores).
+report: setup
+	$(BIN)/tidal evaluate --out docs
 
 lint: setup
 	$(BIN)/ruff check tidal tests bench e2e

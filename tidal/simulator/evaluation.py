@@ -85,7 +85,7 @@ def evaluate(
         write_overview(results[name], figures / f"{name}.png")
     gaps = optimality_gap(instances=100 if quick else 400)
     summaries = {name: _summaries(result) for name, result in results.items()}
-    sweep = {name: _sweep(results[name]) for name in SCENARIOS}
+    sweep = {name: throughput_sweep(results[name]) for name in SCENARIOS}
     (figures / "results.json").write_text(
         json.dumps(
             {"summaries": summaries, "throughput_sweep": sweep, "optimality": gaps}, indent=1
@@ -100,7 +100,7 @@ def _summaries(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {p["summary"]["policy"]: p["summary"] for p in result["policies"]}
 
 
-def _sweep(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+def throughput_sweep(result: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Served fraction of online demand per policy under each throughput model, re-weighed
     from the per-step placements by tier (no replay needed)."""
     out: dict[str, dict[str, float]] = {}

@@ -12,6 +12,7 @@ import itertools
 import math
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from tidal.placement import (
     POLICY_NAMES,
@@ -144,7 +145,7 @@ class Gap:
     more_lost_work: int = 0  # plans losing more work than the optimum
     worse_alignment: int = 0  # plans with a larger topology shortfall than the optimum
 
-    def as_dict(self) -> dict[str, float | str | int]:
+    def as_dict(self) -> dict[str, Any]:
         n = self.instances or 1
         return {
             "policy": self.policy,
@@ -157,7 +158,7 @@ class Gap:
         }
 
 
-def optimality_gap(instances: int = 300, seed: int = 7) -> list[dict[str, float | str | int]]:
+def optimality_gap(instances: int = 300, seed: int = 7) -> list[dict[str, Any]]:
     """Each policy against brute force on ``instances`` random instances that need a
     preemption and have one (instances that fit without one, or have none, are skipped)."""
     rng = random.Random(seed)

@@ -250,3 +250,18 @@ def test_cli_simulate_names_the_bad_field(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["simulate", "--scenario", str(spec)])
     assert result.exit_code == 2
     assert "online_peak" in result.output and "within 0..1" in result.output
+
+
+def test_jobs_that_never_fit_do_not_block_others_of_the_same_gpu_count(data_dir: Path) -> None:
+    """Five 8-GPU jobs asking for more CPU than any node has wait forever; an 8-GPU job behind
+    them that fits still starts (its request shape is tried on its own)."""
+    scenario = small(data_dir, synthetic_nodes={"dgx-h100": 1}, policies=("tidal",), hours=2)
+    greedy = tuple(BatchJob(f"greedy-{i}", float(i), 8, 10**9, 1000, 600.0) for i in range(5))
+    jobs = (*greedy, BatchJob("fits", 10.0, 8, 1000, 1000, 600.0))
+    replay = Replay(
+        scenario, prepare(scenario).nodes, Workload(jobs, (0.0,) * 24, 8), make_policy("tidal")
+    )
+    replay.run()
+    assert replay.metrics.jobs_completed == 1
+    assert replay.jobs["fits"].remaining_s == 0
+    assert replay.pending_batch.pending_by_gpus() == {8: 5}

@@ -34,7 +34,6 @@ from tidal.topology import Tier
 
 ONLINE_PRIORITY = 1000
 BATCH_PRIORITY = 10
-BATCH_MISSES_PER_SIZE = 4  # misses of one GPU count before a pass stops trying that count
 CASCADE_WINDOW_S = 600.0
 
 
@@ -58,29 +57,37 @@ class _Replica:
     preempted_at: float | None = None  # when a preemption was carried out for it
 
 
+Shape = tuple[int, int, int]  # a batch request: (GPUs, CPU millicores, memory MiB)
+
+
 class _BatchQueue:
-    """Pending batch jobs by GPU count, each count oldest first."""
+    """Pending batch jobs by request shape, each shape oldest first. Jobs of one shape fit
+    or miss together, so a pass tries only the head of each shape."""
 
     def __init__(self) -> None:
-        self._by_size: dict[int, list[tuple[float, str]]] = {}
+        self._by_shape: dict[Shape, list[tuple[float, str]]] = {}
 
     def __len__(self) -> int:
-        return sum(len(h) for h in self._by_size.values())
+        return sum(len(h) for h in self._by_shape.values())
 
-    def push(self, size: int, arrival: float, uid: str) -> None:
-        heapq.heappush(self._by_size.setdefault(size, []), (arrival, uid))
+    def push(self, shape: Shape, arrival: float, uid: str) -> None:
+        heapq.heappush(self._by_shape.setdefault(shape, []), (arrival, uid))
 
-    def sizes(self) -> list[int]:
-        return [size for size, heap in self._by_size.items() if heap]
+    def heads(self) -> list[tuple[tuple[float, str], Shape]]:
+        return [(heap[0], shape) for shape, heap in self._by_shape.items() if heap]
 
-    def has(self, size: int) -> bool:
-        return bool(self._by_size.get(size))
+    def head(self, shape: Shape) -> tuple[float, str] | None:
+        heap = self._by_shape.get(shape)
+        return heap[0] if heap else None
 
-    def peek(self, size: int) -> tuple[float, str]:
-        return self._by_size[size][0]
+    def pop(self, shape: Shape) -> tuple[float, str]:
+        return heapq.heappop(self._by_shape[shape])
 
-    def pop(self, size: int) -> tuple[float, str]:
-        return heapq.heappop(self._by_size[size])
+    def pending_by_gpus(self) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for shape, heap in self._by_shape.items():
+            counts[shape[0]] = counts.get(shape[0], 0) + len(heap)
+        return counts
 
 
 @dataclass(order=True)
@@ -138,7 +145,7 @@ class Replay:
 
     def _on_arrive(self, uid: object) -> None:
         job = self.jobs[str(uid)].spec
-        self.pending_batch.push(job.gpus, job.arrival, job.uid)
+        self.pending_batch.push(_shape_of(job), job.arrival, job.uid)
         self._schedule_batch()
 
     def _on_done(self, data: object) -> None:
@@ -280,31 +287,27 @@ class Replay:
     def _schedule_batch(self) -> None:
         """One scheduling pass over the pending batch jobs, oldest first. Like kube-scheduler's
         unschedulable queue, a job that does not fit is set aside and the next one is tried, so
-        a big job never blocks small ones behind it; after a few misses of one GPU count the
-        rest of that count waits for the next pass (they would miss too)."""
+        a big job never blocks small ones behind it. Jobs of a shape that missed, or of a shape
+        needing at least as much of everything, wait for the next pass (they would miss too)."""
         queue = self.pending_batch
-        heads = [(queue.peek(size), size) for size in queue.sizes()]
+        heads = queue.heads()
         heapq.heapify(heads)
-        missed: list[tuple[float, str]] = []
-        misses: dict[int, int] = {}
-        failed: list[tuple[int, int, int]] = []  # (gpus, cpu, memory) that did not fit
+        failed: list[Shape] = []
         while heads:
-            _, size = heapq.heappop(heads)
-            entry = queue.pop(size)
-            job = self.jobs[entry[1]]
-            if not self._try_start(job, failed):
-                missed.append(entry)
-                misses[size] = misses.get(size, 0) + 1
-            if misses.get(size, 0) < BATCH_MISSES_PER_SIZE and queue.has(size):
-                heapq.heappush(heads, (queue.peek(size), size))
-        for arrival, uid in missed:
-            queue.push(self.jobs[uid].spec.gpus, arrival, uid)
+            _, shape = heapq.heappop(heads)
+            if any(all(n >= f for n, f in zip(shape, miss, strict=True)) for miss in failed):
+                continue
+            arrival, uid = queue.pop(shape)
+            if not self._try_start(self.jobs[uid]):
+                queue.push(shape, arrival, uid)  # back to the head of its shape
+                failed.append(shape)
+                continue
+            head = queue.head(shape)
+            if head is not None:
+                heapq.heappush(heads, (head, shape))
 
-    def _try_start(self, job: _Job, failed: list[tuple[int, int, int]]) -> bool:
+    def _try_start(self, job: _Job) -> bool:
         spec = job.spec
-        need = (spec.gpus, spec.cpu_milli, spec.memory_mib)
-        if any(need[0] >= g and need[1] >= c and need[2] >= m for g, c, m in failed):
-            return False  # needs at least as much as a job that just failed
         request = PodRequest(
             spec.uid,
             spec.uid,
@@ -319,7 +322,6 @@ class Replay:
         placement = self.policy.place(self.snapshot, request)
         self.metrics.decision("place", time.perf_counter() - started)
         if placement is None:
-            failed.append(need)
             return False
         self._start_job(job, placement)
         return True
@@ -359,11 +361,15 @@ class Replay:
             self.metrics.cascades += 1
         job.run_start = None
         job.epoch += 1
-        self.pending_batch.push(job.spec.gpus, job.spec.arrival, uid)  # keeps its place
+        self.pending_batch.push(_shape_of(job.spec), job.spec.arrival, uid)  # keeps its place
         return (ran - saved) * job.spec.gpus
 
     def _push(self, at: float, kind: str, data: object = None) -> None:
         heapq.heappush(self.events, _Event(at, next(self.seq), kind, data))
+
+
+def _shape_of(job: BatchJob) -> Shape:
+    return (job.gpus, job.cpu_milli, job.memory_mib)
 
 
 def _online_request(replica: _Replica) -> PodRequest:

@@ -231,7 +231,12 @@ def _scenario(spec: dict[str, Any]) -> tuple[ClusterSnapshot, PodRequest]:
 @app.command("simulate")
 def simulate_command(
     scenario_file: Annotated[
-        Path | None, typer.Option("--scenario", help="Scenario YAML (default: built-in openb day).")
+        Path | None,
+        typer.Option(
+            "--scenario",
+            help="Scenario YAML, or a bundled one by name (openb-day, topology-rich, "
+            "nvswitch-control). Default: the openb day.",
+        ),
     ] = None,
     quick: Annotated[
         bool, typer.Option(help="Sample 160 nodes of the cluster: seconds, not minutes.")
@@ -283,7 +288,7 @@ def evaluate_command(
     out: Annotated[
         Path, typer.Option(help="Folder for evaluation.md and evaluation/ (figures, JSON).")
     ] = Path("docs"),
-    quick: Annotated[bool, typer.Option(help="Sampled clusters: a minute, not ten.")] = False,
+    quick: Annotated[bool, typer.Option(help="Sampled clusters: seconds, not minutes.")] = False,
 ) -> None:
     """Regenerate the evaluation report: the bundled scenarios with every policy, the
     throughput-model sweep and the optimality gap against brute force."""

@@ -4,7 +4,7 @@ Our score is fragmentation-aware: among the free GPU sets that satisfy the reque
 one whose removal destroys the least intact aligned capacity (weighted towards large domains),
 and rank nodes the same way, so small pods fill broken domains first and large aligned domains
 stay whole for the pods that need them. Ties go to the fuller node (bin packing): in the
-simulator this tie-break alone raised batch GPU allocation from 0.80 to 0.85 on the openb day.
+simulator this tie-break alone raised mean GPU allocation from 0.80 to 0.85 on the openb day.
 """
 
 from __future__ import annotations

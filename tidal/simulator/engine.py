@@ -181,6 +181,7 @@ class Replay:
         if plan.gpus & ~self.snapshot.free_gpus(plan.node, replica.uid):
             self.metrics.double_allocations += 1  # must stay zero: reservations prevent it
             self.metrics.preemptor_outcome(None)
+            replica.preempted_at = None  # counted as failed; a later bind is an ordinary one
             self.pending_online.append(replica)
             return
         self._bind_replica(replica, plan.node, plan.gpus)

@@ -48,10 +48,17 @@ LOWER_IS_BETTER = (
     "M8_cascades",
     "M11_preempt_p99_ms",
 )
-TABLE_METRICS: tuple[str, ...] = (
-    *HIGHER_IS_BETTER[:4],
-    *LOWER_IS_BETTER[:4],
-    *HIGHER_IS_BETTER[4:],
+TABLE_METRICS = (
+    "M1_affinity_hit_guaranteed",
+    "M1_affinity_hit_best_effort",
+    "M2_preemption_success",
+    "M7_online_served_fraction",
+    "M3_wasted_gpus",
+    "M4_victim_pods_per_preemption",
+    "M5_lost_gpu_hours",
+    "M8_cascades",
+    "M8_goodput_gpu_hours",
+    "M9_mean_allocation",
     "M8_jobs_completed",
     "M10_double_allocations",
     "M10_priority_inversions",

@@ -98,7 +98,10 @@ def load_scenario(path: Path) -> Scenario:
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as err:
-        raise ScenarioError(f"{path}: cannot read scenario: {err.strerror}") from err
+        raise ScenarioError(
+            f"{path}: cannot read scenario: {err.strerror} (bundled scenarios: "
+            f"{', '.join(bundled_scenarios())})"
+        ) from err
     except yaml.YAMLError as err:
         raise ScenarioError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(spec, dict):

@@ -77,7 +77,9 @@ def test_cel_rule_rejects_a_bad_object_with_its_message(api: Any, namespace: str
 
     def established() -> bool:
         crd = extensions.read_custom_resource_definition("widgets.e2e.tidal.dev")
-        return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions)
+        return any(
+            c.type == "Established" and c.status == "True" for c in crd.status.conditions or []
+        )
 
     wait_for(established, "the Widget CRD to be established")
     objects = client.CustomObjectsApi(api)

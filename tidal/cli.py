@@ -15,6 +15,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from tidal.devcluster.cli import app as dev_cluster_app
+from tidal.operator.cli import app as operator_app
 from tidal.placement import (
     POLICY_NAMES,
     ClusterSnapshot,
@@ -46,6 +47,7 @@ app = typer.Typer(
 topo_app = typer.Typer(help="Inspect GPU topology presets.", no_args_is_help=True)
 app.add_typer(topo_app, name="topo")
 app.add_typer(dev_cluster_app, name="dev-cluster")
+app.add_typer(operator_app, name="operator")
 app.command("extender")(extender_command)
 console = Console()
 

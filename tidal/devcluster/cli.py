@@ -70,6 +70,9 @@ def up(
     extender_url: Annotated[
         str | None, typer.Option(help="urlPrefix of a tidal extender running elsewhere.")
     ] = None,
+    operator: Annotated[
+        bool, typer.Option(help="Run `tidal operator run` (installs the CRDs first).")
+    ] = False,
 ) -> None:
     """Start the control plane in the background and create fake GPU nodes."""
     presets = preset or ["dgx-h100", "dgx1-v100"]
@@ -90,6 +93,7 @@ def up(
         controller_manager=controller_manager,
         extender=ExtenderConfig(extender_url) if extender_url else None,
         run_extender=extender,
+        run_operator=operator,
     )
     local = LocalCluster(options, binaries)
     try:

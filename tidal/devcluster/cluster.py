@@ -35,6 +35,7 @@ ORDER = (
     "kube-controller-manager",
     "kube-scheduler",
     "kwok",
+    "tidal-operator",
 )
 
 
@@ -79,6 +80,7 @@ class ClusterOptions:
     controller_manager: bool = False  # garbage collection, Jobs, ServiceAccounts
     extender: ExtenderConfig | None = None  # an extender running elsewhere
     run_extender: bool = False  # run `tidal extender` as a component and point the scheduler at it
+    run_operator: bool = False  # run `tidal operator run --install-crds` as a component
     scheduler_qps: int = 5000  # client-go's 50/100 defaults cap scheduling throughput
     startup_timeout_s: float = 90.0
 
@@ -163,7 +165,7 @@ class LocalCluster:
         binaries = self.binaries or find_binaries()
         started = time.monotonic()
         pki = make_pki(self.workdir / "pki")
-        names = ("etcd", "peer", "apiserver", "kcm", "sched", "kwok", "extender")
+        names = ("etcd", "peer", "apiserver", "kcm", "sched", "kwok", "extender", "operator")
         ports = {name: free_port() for name in names}
         if self.options.run_extender:
             url = f"http://127.0.0.1:{ports['extender']}"
@@ -456,4 +458,24 @@ class LocalCluster:
                 lambda: http_ok(f"http://127.0.0.1:{ports['kwok']}/healthz"),
             ),
         ]
+        if self.options.run_operator:
+            components.append(self._operator(ports["operator"]))
         return components
+
+    def _operator(self, port: int) -> Component:
+        liveness = f"http://127.0.0.1:{port}/healthz"
+        return Component(
+            "tidal-operator",
+            [
+                sys.executable,
+                "-m",
+                "tidal",
+                "operator",
+                "run",
+                f"--kubeconfig={self.kubeconfig}",
+                f"--liveness={liveness}",
+                "--install-crds",
+            ],
+            self.log_dir / "tidal-operator.log",
+            lambda: http_ok(liveness),
+        )

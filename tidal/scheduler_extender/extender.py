@@ -31,6 +31,7 @@ from tidal.placement.fit import Placement
 from tidal.scheduler_extender.cache import ClusterCache
 from tidal.scheduler_extender.metrics import ExtenderMetrics
 from tidal.scheduler_extender.translate import (
+    ACHIEVED_TIER,
     GPUS,
     RESERVATION,
     ObjectError,
@@ -359,7 +360,8 @@ class Extender:
         try:
             # One write: the API server copies a Binding's annotations onto the pod, so the pod
             # is never bound without its GPUs (and a stale reservation is blanked with it).
-            notes = {GPUS: gpus, RESERVATION: ""}
+            tier = self.cache.snapshot.nodes[args.node].info.shape.tier_of(chosen).label
+            notes = {GPUS: gpus, ACHIEVED_TIER: tier, RESERVATION: ""}
             self.actions.bind(args.namespace, args.name, args.uid, args.node, notes)
         except ApiError as error:
             self.cache.delete_pod(args.uid)

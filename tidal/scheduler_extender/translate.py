@@ -24,6 +24,8 @@ GPUS = PREFIX + "gpus"
 TOPOLOGY_MODE = PREFIX + "topology-mode"
 TOPOLOGY_TIER = PREFIX + "topology-tier"
 RESERVATION = PREFIX + "reservation"
+# The tier the bound GPU set achieved (tightest domain holding it), for the operator's status.
+ACHIEVED_TIER = PREFIX + "topology-achieved"
 CHECKPOINT_INTERVAL = PREFIX + "checkpoint-interval-seconds"
 PRESET_LABEL = PREFIX + "topology-preset"
 # kube's system-node-critical / system-cluster-critical start here; never victims of tidal.

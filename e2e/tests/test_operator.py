@@ -1,0 +1,351 @@
+"""The operator on the real control plane: CRDs and CEL rules in the API server, pods scheduled
+by tidal-scheduler through the extender, preemption and resumption, scale, restarts, deletion.
+
+Nodes are two DGX-1V (hybrid cube-mesh, NVLink quads {0,1,2,3} and {4,5,6,7}): 16 GPUs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from e2e.helpers import binaries_or_skip, wait_for
+from tidal.devcluster import ClusterOptions, LocalCluster
+from tidal.devcluster.binaries import Binaries
+from tidal.devcluster.nodes import node_names
+
+NODES = node_names(2, ["dgx1-v100"], prefix="op")
+EXAMPLES = Path(__file__).parents[2] / "examples"
+GROUP, VERSION = "tidal.dev", "v1alpha1"
+
+
+@pytest.fixture(scope="module")
+def op_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    local = LocalCluster(
+        ClusterOptions(
+            workdir=tmp_path_factory.mktemp("operator-cluster"),
+            controller_manager=True,
+            run_extender=True,
+            run_operator=True,
+        ),
+        binaries_or_skip(),
+    )
+    try:
+        local.start()
+        local.wait_nodes_ready(local.add_gpu_nodes(NODES))
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture
+def cluster(op_cluster: LocalCluster) -> LocalCluster:
+    """Named `cluster` so a failure report carries the control-plane and operator logs."""
+    return op_cluster
+
+
+@pytest.fixture
+def core(cluster: LocalCluster) -> Any:
+    return client.CoreV1Api(cluster.api_client())
+
+
+@pytest.fixture
+def custom(cluster: LocalCluster) -> Any:
+    return client.CustomObjectsApi(cluster.api_client())
+
+
+@pytest.fixture
+def ns(core: Any) -> Iterator[str]:
+    name = f"op-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name}})
+    yield name
+    core.delete_namespace(name)
+    wait_for(lambda: not core.list_namespaced_pod(name).items, f"namespace {name} to drain", 60)
+
+
+def kubectl(cluster: LocalCluster, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    binaries = cluster.binaries
+    assert isinstance(binaries, Binaries)
+    return subprocess.run(
+        [str(binaries.path("kubectl")), f"--kubeconfig={cluster.kubeconfig}", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def service(name: str, tp: int, replicas: int, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LLMService",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": "llama-70b", "uri": "hf://meta-llama/Llama-3.1-70B-Instruct"},
+            "tensorParallel": tp,
+            "replicas": replicas,
+            "resources": {"cpu": "1", "memory": "1Gi"},
+            **spec,
+        },
+    }
+
+
+def batch_job(name: str, tp: int, workers: int, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LLMBatchJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": "llama-8b", "uri": "hf://meta-llama/Llama-3.1-8B-Instruct"},
+            "tensorParallel": tp,
+            "parallelism": workers,
+            "input": {"uri": "s3://in/docs/"},
+            "output": {"uri": "s3://out/summaries/"},
+            "resources": {"cpu": "1", "memory": "1Gi"},
+            **spec,
+        },
+    }
+
+
+def create(custom: Any, ns: str, obj: dict[str, Any]) -> None:
+    plural = "llmservices" if obj["kind"] == "LLMService" else "llmbatchjobs"
+    custom.create_namespaced_custom_object(GROUP, VERSION, ns, plural, obj)
+
+
+def get(custom: Any, ns: str, plural: str, name: str) -> dict[str, Any]:
+    obj: dict[str, Any] = custom.get_namespaced_custom_object(GROUP, VERSION, ns, plural, name)
+    return obj
+
+
+def pods_of(core: Any, ns: str, label: str, name: str) -> list[Any]:
+    return list(core.list_namespaced_pod(ns, label_selector=f"tidal.dev/{label}={name}").items)
+
+
+def live(pods: list[Any]) -> list[Any]:
+    return [
+        p
+        for p in pods
+        if p.metadata.deletion_timestamp is None and p.status.phase in ("Pending", "Running")
+    ]
+
+
+def env_of(pod: Any) -> dict[str, str]:
+    return {e.name: e.value for e in pod.spec.containers[0].env if e.value is not None}
+
+
+BAD_OBJECTS = [
+    ("tensor-parallel-3", service("bad-tp", 3, 1), "spec.tensorParallel: Unsupported value: 3"),
+    (
+        "min-above-max",
+        service("bad-bounds", 1, 1, autoscaling={"minReplicas": 5, "maxReplicas": 2}),
+        "minReplicas must not exceed maxReplicas",
+    ),
+    (
+        "schedule-outside-bounds",
+        service(
+            "bad-schedule",
+            1,
+            1,
+            autoscaling={"maxReplicas": 2, "schedule": [{"at": "08:00", "replicas": 9}]},
+        ),
+        "schedule replicas must lie within [minReplicas, maxReplicas]",
+    ),
+    (
+        "schedule-time",
+        service(
+            "bad-time",
+            1,
+            1,
+            autoscaling={"maxReplicas": 2, "schedule": [{"at": "25:00", "replicas": 1}]},
+        ),
+        "spec.autoscaling.schedule[0].at",
+    ),
+    (
+        "unknown-topology-mode",
+        service("bad-mode", 1, 1, topology={"mode": "strict"}),
+        'spec.topology.mode: Unsupported value: "strict"',
+    ),
+    (
+        "model-uri",
+        {
+            **service("bad-uri", 1, 1),
+            "spec": {**service("x", 1, 1)["spec"], "model": {"name": "m", "uri": "/local/path"}},
+        },
+        "spec.model.uri",
+    ),
+    (
+        "same-input-and-output",
+        batch_job("bad-io", 1, 1, output={"uri": "s3://in/docs/"}),
+        "output.uri must differ from input.uri",
+    ),
+    (
+        "no-input",
+        {
+            **batch_job("bad-missing", 1, 1),
+            "spec": {"model": {"name": "m", "uri": "hf://a/b"}, "output": {"uri": "s3://o/"}},
+        },
+        "spec.input: Required value",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "obj", "message"), BAD_OBJECTS, ids=[c[0] for c in BAD_OBJECTS])
+def test_kubectl_apply_of_a_bad_object_is_rejected_naming_the_field(
+    cluster: LocalCluster, ns: str, case: str, obj: dict[str, Any], message: str
+) -> None:
+    result = kubectl(cluster, "apply", "-n", ns, "-f", "-", stdin=yaml.safe_dump(obj))
+    assert result.returncode != 0, f"{case} was accepted"
+    assert message in result.stderr, result.stderr
+
+
+def test_immutable_batch_fields_cannot_change(cluster: LocalCluster, custom: Any, ns: str) -> None:
+    create(custom, ns, batch_job("frozen", 1, 1))
+    patched = batch_job("frozen", 2, 1)
+    result = kubectl(cluster, "apply", "-n", ns, "-f", "-", stdin=yaml.safe_dump(patched))
+    assert result.returncode != 0
+    assert "spec.tensorParallel: Invalid value" in result.stderr
+    assert "is immutable" in result.stderr
+
+
+def test_examples_are_accepted(cluster: LocalCluster, ns: str) -> None:
+    for example in ("llmservice.yaml", "llmbatchjob.yaml"):
+        text = (EXAMPLES / example).read_text()
+        result = kubectl(cluster, "apply", "--dry-run=server", "-n", ns, "-f", "-", stdin=text)
+        assert result.returncode == 0, result.stderr
+
+
+def test_service_lifecycle_create_scale_status_delete(
+    cluster: LocalCluster, core: Any, custom: Any, ns: str
+) -> None:
+    create(custom, ns, service("chat", 4, 1, topology={"mode": "guaranteed", "tier": "nvlink"}))
+
+    def ready(want: int) -> Any:
+        obj = get(custom, ns, "llmservices", "chat")
+        status = obj.get("status") or {}
+        return obj if status.get("readyReplicas") == want == status.get("replicas") else None
+
+    obj = wait_for(lambda: ready(1), "chat to have 1 ready replica", 60)
+    (pod,) = live(pods_of(core, ns, "llmservice", "chat"))
+    assert pod.spec.scheduler_name == "tidal-scheduler"
+    assert pod.spec.priority_class_name == "tidal-online"
+    assert pod.spec.containers[0].resources.limits["nvidia.com/gpu"] == "4"
+    assert pod.metadata.annotations["tidal.dev/topology-mode"] == "guaranteed"
+    assert pod.metadata.owner_references[0].kind == "LLMService"
+    placement = obj["status"]["placements"][0]
+    assert placement["node"] == pod.spec.node_name
+    assert {int(g) for g in placement["gpus"].split(",")} in ({0, 1, 2, 3}, {4, 5, 6, 7})
+    assert placement["tier"] == "nvlink"
+    assert {c["type"]: c["status"] for c in obj["status"]["conditions"]}["Ready"] == "True"
+
+    listing = kubectl(cluster, "get", "tidal", "-n", ns)
+    assert listing.returncode == 0, listing.stderr
+    assert "llmservice.tidal.dev/chat" in listing.stdout
+    assert "Ready" in listing.stdout
+
+    scaled = kubectl(cluster, "scale", "-n", ns, "llmsvc/chat", "--replicas=2")
+    assert scaled.returncode == 0, scaled.stderr
+    wait_for(lambda: ready(2), "chat to scale to 2 ready replicas", 60)
+
+    custom.delete_namespaced_custom_object(GROUP, VERSION, ns, "llmservices", "chat")
+
+    def gone() -> bool:
+        remaining = custom.list_namespaced_custom_object(GROUP, VERSION, ns, "llmservices")
+        return not remaining["items"] and not pods_of(core, ns, "llmservice", "chat")
+
+    wait_for(gone, "chat and its pods to be deleted", 60)
+
+
+def test_batch_job_completes(core: Any, custom: Any, ns: str) -> None:
+    notes = {"tidal.dev/kwok-complete-after": "2s"}
+    create(custom, ns, batch_job("short", 1, 2, podMetadata={"annotations": notes}))
+
+    def done() -> Any:
+        status = get(custom, ns, "llmbatchjobs", "short").get("status") or {}
+        return status if status.get("phase") == "Succeeded" else None
+
+    status = wait_for(done, "job short to succeed", 60)
+    assert status["succeeded"] == 2
+    assert status["completionTime"]
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Complete"] == "True"
+
+
+def test_schedule_peak_preempts_batch_workers_which_resume_from_their_checkpoints(
+    cluster: LocalCluster, core: Any, custom: Any, ns: str
+) -> None:
+    # Batch work fills all 16 GPUs with four TP4 workers, each reporting a checkpoint.
+    create(custom, ns, batch_job("fill", 4, 4, checkpointIntervalSeconds=60))
+
+    def running(want: int) -> list[Any] | None:
+        pods = [
+            p for p in live(pods_of(core, ns, "llmbatchjob", "fill")) if p.status.phase == "Running"
+        ]
+        return pods if len(pods) == want else None
+
+    for pod in wait_for(lambda: running(4), "4 batch workers running", 60):
+        index = pod.metadata.labels["tidal.dev/index"]
+        note = {"tidal.dev/checkpoint": f"s3://out/summaries/ckpt/{index}/step-40"}
+        core.patch_namespaced_pod(pod.metadata.name, ns, {"metadata": {"annotations": note}})
+
+    # The daily peak: one schedule entry all day asks for 2 TP4 replicas of an online service.
+    peak = {"minReplicas": 0, "maxReplicas": 2, "schedule": [{"at": "00:00", "replicas": 2}]}
+    create(custom, ns, service("peak", 4, 0, autoscaling=peak))
+
+    def served() -> Any:
+        obj = get(custom, ns, "llmservices", "peak")
+        return obj if (obj.get("status") or {}).get("readyReplicas") == 2 else None
+
+    obj = wait_for(served, "the peak service to get 2 ready replicas", 120)
+    assert obj["spec"]["replicas"] == 2
+    assert obj["status"]["scheduleSlot"].endswith("T00:00")
+
+    def requeued() -> Any:
+        status = get(custom, ns, "llmbatchjobs", "fill").get("status") or {}
+        return status if status.get("preemptions") == 2 else None
+
+    status = wait_for(requeued, "the job to count 2 preemptions", 60)
+    assert status["failed"] == 0
+    resumed = [w for w in status["workers"] if w["attempt"] == 2]
+    assert len(resumed) == 2
+    assert all(w["checkpoint"].endswith("step-40") for w in resumed)
+    pending = {
+        p.metadata.labels["tidal.dev/index"]: p
+        for p in live(pods_of(core, ns, "llmbatchjob", "fill"))
+        if p.metadata.annotations["tidal.dev/attempt"] == "2"
+    }
+    assert len(pending) == 2
+    for index, pod in pending.items():
+        assert env_of(pod)["TIDAL_RESUME_FROM"] == f"s3://out/summaries/ckpt/{index}/step-40"
+
+    # The tide goes out: scaling the service to zero lets the resumed workers run again.
+    assert kubectl(cluster, "scale", "-n", ns, "llmsvc/peak", "--replicas=0").returncode == 0
+    wait_for(lambda: running(4), "all 4 batch workers running again", 90)
+
+
+def test_operator_restart_mid_reconcile_duplicates_and_loses_nothing(
+    cluster: LocalCluster, core: Any, custom: Any, ns: str
+) -> None:
+    create(custom, ns, batch_job("restart", 1, 6))
+    cluster.restart("tidal-operator")  # while it is creating the workers' pods
+
+    def six_running() -> list[Any] | None:
+        pods = live(pods_of(core, ns, "llmbatchjob", "restart"))
+        ok = len(pods) == 6 and all(p.status.phase == "Running" for p in pods)
+        return pods if ok else None
+
+    pods = wait_for(six_running, "6 workers running after the restart", 90)
+    assert sorted(int(p.metadata.labels["tidal.dev/index"]) for p in pods) == list(range(6))
+    all_pods = pods_of(core, ns, "llmbatchjob", "restart")
+    assert len(all_pods) == 6, [p.metadata.name for p in all_pods]
+    held: dict[str, set[int]] = {}
+    for pod in pods:
+        gpus = {int(g) for g in pod.metadata.annotations["tidal.dev/gpus"].split(",")}
+        assert not gpus & held.get(pod.spec.node_name, set()), "a GPU was handed out twice"
+        held.setdefault(pod.spec.node_name, set()).update(gpus)

@@ -1,0 +1,1 @@
+"""tidal.operator: the kopf operator for LLMService and LLMBatchJob (planners are pure)."""

@@ -1,0 +1,87 @@
+"""``tidal operator``: run the operator, install or print its manifests."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+app = typer.Typer(help="The LLMService / LLMBatchJob operator (kopf).", no_args_is_help=True)
+
+Kubeconfig = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="KUBECONFIG",
+        help="Kubeconfig; in-cluster config when unset.",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+
+
+@app.command("run")
+def run_command(
+    kubeconfig: Kubeconfig = None,
+    namespace: Annotated[
+        list[str] | None,
+        typer.Option(envvar="TIDAL_OPERATOR_NAMESPACES", help="Watch only these (repeatable)."),
+    ] = None,
+    liveness: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TIDAL_OPERATOR_LIVENESS",
+            help="Serve a liveness probe, e.g. http://0.0.0.0:8080/healthz.",
+        ),
+    ] = None,
+    peering: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TIDAL_OPERATOR_PEERING",
+            help="ClusterKopfPeering name, for more than one replica (one is active).",
+        ),
+    ] = None,
+    install_crds: Annotated[
+        bool, typer.Option("--install-crds", help="Apply the CRDs and PriorityClasses first.")
+    ] = False,
+    log_level: Annotated[str, typer.Option(envvar="TIDAL_OPERATOR_LOG_LEVEL")] = "info",
+) -> None:
+    """Reconcile LLMService and LLMBatchJob objects until interrupted."""
+    from tidal.operator.run import OperatorOptions, run_operator  # noqa: PLC0415 - kopf is heavy
+
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise typer.BadParameter(
+            f"--log-level: {log_level!r} is not one of debug, info, warning, error"
+        )
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    run_operator(
+        OperatorOptions(
+            kubeconfig=kubeconfig,
+            namespaces=tuple(namespace or ()),
+            liveness=liveness,
+            peering=peering,
+            install=install_crds,
+        )
+    )
+
+
+@app.command("install-crds")
+def install_command(kubeconfig: Kubeconfig = None) -> None:
+    """Apply the CRDs, the PriorityClasses and the operator's ClusterRole (server-side apply)."""
+    from tidal.operator.kube import install  # noqa: PLC0415
+    from tidal.operator.run import api_client  # noqa: PLC0415
+
+    for applied in install(api_client(kubeconfig)):
+        typer.echo(f"applied {applied}")
+
+
+@app.command("manifests")
+def manifests_command() -> None:
+    """Print the CRDs, PriorityClasses and ClusterRole as YAML (for kubectl apply or a chart)."""
+    from tidal.operator.crds import manifests  # noqa: PLC0415
+
+    typer.echo(yaml.safe_dump_all(manifests(), sort_keys=False), nl=False)

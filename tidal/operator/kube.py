@@ -1,0 +1,192 @@
+"""The operator's Kubernetes calls (official client, raw JSON): pods, status, scale, installs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import orjson
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from tidal.operator.crds import GROUP, VERSION, manifests
+from tidal.operator.pods import GPU_RESOURCE
+
+log = logging.getLogger(__name__)
+PLURALS = {"LLMService": "llmservices", "LLMBatchJob": "llmbatchjobs"}
+
+
+class OperatorApiError(Exception):
+    """An API call failed; ``status`` is the HTTP status (0 when the server was not reached)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _message(error: ApiException) -> str:
+    body = error.body.decode() if isinstance(error.body, bytes) else str(error.body or "")
+    try:
+        return str(orjson.loads(body).get("message", body))
+    except orjson.JSONDecodeError:
+        return body or str(error.reason)
+
+
+def _json(response: Any) -> Any:
+    return orjson.loads(response.data)
+
+
+def _gpus_requested(pod: dict[str, Any]) -> int:
+    total = 0
+    for container in pod.get("spec", {}).get("containers") or ():
+        limits = (container.get("resources") or {}).get("limits") or {}
+        total += int(limits.get(GPU_RESOURCE, 0))
+    return total
+
+
+class OperatorKube:
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    def _call(self, what: str, action: Callable[[], Any], ok: Iterable[int] = ()) -> Any:
+        try:
+            return action()
+        except ApiException as error:
+            if error.status in tuple(ok):
+                return None
+            raise OperatorApiError(int(error.status or 0), f"{what}: {_message(error)}") from None
+
+    # -- the custom objects ------------------------------------------------------------------
+    def get_object(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        response = self._call(
+            f"get {kind} {namespace}/{name}",
+            lambda: self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURALS[kind], name, _preload_content=False
+            ),
+            ok=(404,),
+        )
+        return None if response is None else _json(response)
+
+    def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self._call(
+            f"update status of {kind} {namespace}/{name}",
+            lambda: self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURALS[kind], name, {"status": status}
+            ),
+            ok=(404,),
+        )
+
+    def set_replicas(self, namespace: str, name: str, replicas: int) -> None:
+        self._call(
+            f"scale LLMService {namespace}/{name}",
+            lambda: self.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, "llmservices", name, {"spec": {"replicas": replicas}}
+            ),
+        )
+
+    # -- pods ---------------------------------------------------------------------------------
+    def owned_pods(self, label: str, namespace: str, name: str) -> list[dict[str, Any]]:
+        response = self._call(
+            f"list pods of {namespace}/{name}",
+            lambda: self.core.list_namespaced_pod(
+                namespace, label_selector=f"{label}={name}", _preload_content=False
+            ),
+        )
+        items: list[dict[str, Any]] = _json(response)["items"]
+        return items
+
+    def create_pod(self, pod: dict[str, Any]) -> bool:
+        """Create ``pod``; False when one of that name exists already (a repeated plan)."""
+        namespace = pod["metadata"]["namespace"]
+        created = self._call(
+            f"create pod {namespace}/{pod['metadata']['name']}",
+            lambda: self.core.create_namespaced_pod(namespace, pod, _preload_content=False),
+            ok=(409,),
+        )
+        return created is not None
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        self._call(
+            f"delete pod {namespace}/{name}",
+            lambda: self.core.delete_namespaced_pod(name, namespace, _preload_content=False),
+            ok=(404,),
+        )
+
+    def node_free_gpus(self, nodes: Iterable[str]) -> dict[str, int]:
+        """Allocatable GPUs minus those requested by unfinished pods, for each of ``nodes``."""
+        free = {}
+        for node in set(nodes):
+            body = self._call(
+                f"get node {node}",
+                lambda node=node: self.core.read_node(node, _preload_content=False),  # type: ignore[misc]
+                ok=(404,),
+            )
+            if body is None:
+                continue
+            allocatable = _json(body)["status"].get("allocatable", {})
+            pods = _json(
+                self._call(
+                    f"list pods on {node}",
+                    lambda node=node: self.core.list_pod_for_all_namespaces(  # type: ignore[misc]
+                        field_selector=f"spec.nodeName={node}", _preload_content=False
+                    ),
+                )
+            )["items"]
+            used = sum(
+                _gpus_requested(p)
+                for p in pods
+                if p.get("status", {}).get("phase") not in ("Succeeded", "Failed")
+            )
+            free[node] = int(allocatable.get(GPU_RESOURCE, 0)) - used
+        return free
+
+
+def install(api: client.ApiClient, timeout_s: float = 60.0) -> list[str]:
+    """Create or update the CRDs, PriorityClasses and the operator's ClusterRole; wait until
+    the CRDs are established. Returns what was applied, as "Kind/name"."""
+    applied = []
+    for manifest in manifests():
+        _apply(api, manifest)
+        applied.append(f"{manifest['kind']}/{manifest['metadata']['name']}")
+    extensions = client.ApiextensionsV1Api(api)
+    deadline = time.monotonic() + timeout_s
+    for manifest in manifests():
+        if manifest["kind"] != "CustomResourceDefinition":
+            continue
+        name = manifest["metadata"]["name"]
+        while not _established(extensions.read_custom_resource_definition(name)):
+            if time.monotonic() > deadline:
+                raise OperatorApiError(0, f"CRD {name} not established after {timeout_s:.0f} s")
+            time.sleep(0.2)
+    return applied
+
+
+def _established(crd: Any) -> bool:
+    conditions = (crd.status and crd.status.conditions) or []
+    return any(c.type == "Established" and c.status == "True" for c in conditions)
+
+
+def _apply(api: client.ApiClient, manifest: dict[str, Any]) -> None:
+    """Server-side apply, so re-running an install updates what changed and nothing else."""
+    kind, name = manifest["kind"], manifest["metadata"]["name"]
+    patchers: dict[str, Callable[..., Any]] = {
+        "CustomResourceDefinition": client.ApiextensionsV1Api(api).patch_custom_resource_definition,
+        "PriorityClass": client.SchedulingV1Api(api).patch_priority_class,
+        "ClusterRole": client.RbacAuthorizationV1Api(api).patch_cluster_role,
+    }
+    try:
+        patchers[kind](
+            name,
+            manifest,
+            field_manager="tidal-operator",
+            force=True,
+            _content_type="application/apply-patch+yaml",  # JSON is YAML
+            _preload_content=False,
+        )
+    except ApiException as error:
+        status = int(error.status or 0)
+        raise OperatorApiError(status, f"apply {kind}/{name}: {_message(error)}") from None

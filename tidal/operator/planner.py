@@ -1,0 +1,458 @@
+"""Pure planners: (spec, observed pods, previous status, now) → pods to create/delete and status.
+
+The kopf layer lists the pods, calls a planner and applies its answer. Planners never do I/O and
+are deterministic, so a reconcile interrupted anywhere and run again (by a restarted operator)
+plans the same pod names: creating one twice is a 409, never a duplicate.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from tidal.operator.pods import job_pod, service_pod
+from tidal.operator.spec import Autoscaling, JobSpec, ObservedPod, ServiceSpec
+
+Condition = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+
+
+def condition(kind: str, true: bool, reason: str, message: str = "") -> Condition:
+    return {
+        "type": kind,
+        "status": "True" if true else "False",
+        "reason": reason,
+        "message": message,
+    }
+
+
+def merge_conditions(
+    old: Sequence[Mapping[str, Any]], new: Sequence[Condition], now: str, generation: int
+) -> list[Condition]:
+    """New conditions keep their lastTransitionTime while their status does not change."""
+    previous = {c.get("type"): c for c in old}
+    merged = []
+    for cond in new:
+        before = previous.get(cond["type"])
+        unchanged = before is not None and before.get("status") == cond["status"]
+        since = before.get("lastTransitionTime", now) if before and unchanged else now
+        merged.append({**cond, "lastTransitionTime": since, "observedGeneration": generation})
+    return merged
+
+
+# -- the schedule (a daily tide of replica targets) -----------------------------------------
+def schedule_slot(autoscaling: Autoscaling, now: dt.datetime) -> tuple[str, int] | None:
+    """The schedule entry in force at ``now``: (a key naming its day and time, its replicas).
+
+    An entry applies from its time until the next one; before the day's first entry the
+    previous day's last entry holds. None without a schedule.
+    """
+    if not autoscaling.schedule:
+        return None
+    local = now.astimezone(ZoneInfo(autoscaling.time_zone))
+    minute = local.hour * 60 + local.minute
+    today = [e for e in autoscaling.schedule if e.minute_of_day <= minute]
+    entry, day = (
+        (today[-1], local.date())
+        if today
+        else (autoscaling.schedule[-1], local.date() - dt.timedelta(days=1))
+    )
+    return f"{day.isoformat()}T{entry.at}", autoscaling.clamp(entry.replicas)
+
+
+def scheduled_replicas(
+    autoscaling: Autoscaling | None, now: dt.datetime, applied_slot: str
+) -> tuple[str, int] | None:
+    """A new replica target when a schedule entry not yet applied is in force, else None.
+
+    Like a cron autoscaler: an entry is applied once, when its time comes, so `kubectl scale`
+    (or an HPA) holds until the next entry.
+    """
+    if autoscaling is None:
+        return None
+    slot = schedule_slot(autoscaling, now)
+    if slot is None or slot[0] == applied_slot:
+        return None
+    return slot
+
+
+# -- LLMService -----------------------------------------------------------------------------
+def scale_down_order(
+    pods: Sequence[ObservedPod], node_free_gpus: Mapping[str, int], wanted_tier: str
+) -> list[ObservedPod]:
+    """Replicas in the order to remove them: first the ones that serve nobody (unbound, not
+    ready), then those placed below the wanted tier, then the ones whose GPUs join the most
+    already-free GPUs on their node (so freed GPUs become whole blocks, not scattered ones)."""
+
+    def key(pod: ObservedPod) -> tuple[bool, bool, bool, int, int]:
+        aligned = pod.tier == wanted_tier or not pod.tier
+        return (pod.bound, pod.ready, aligned, -node_free_gpus.get(pod.node, 0), -pod.index)
+
+    return sorted(pods, key=key)
+
+
+def _free_indices(taken: set[int], count: int) -> list[int]:
+    indices: list[int] = []
+    candidate = 0
+    while len(indices) < count:
+        if candidate not in taken:
+            indices.append(candidate)
+        candidate += 1
+    return indices
+
+
+def _placements(pods: Sequence[ObservedPod]) -> list[dict[str, Any]]:
+    return [
+        {
+            "index": p.index,
+            "pod": p.name,
+            "node": p.node,
+            "gpus": p.gpus,
+            "tier": p.tier,
+            "phase": p.phase,
+        }
+        for p in sorted(pods, key=lambda p: p.index)
+    ]
+
+
+def _rolling_victim(
+    live: Sequence[ObservedPod], current_hash: str, desired: int, ordered: Sequence[ObservedPod]
+) -> ObservedPod | None:
+    """One replica of an older spec to replace, only while every replica is ready (one
+    unavailable at a time, as a Deployment with maxUnavailable 1, maxSurge 0)."""
+    if len(live) != desired or not all(p.ready for p in live):
+        return None
+    outdated = [p for p in ordered if p.spec_hash != current_hash]
+    return outdated[0] if outdated else None
+
+
+def plan_service(
+    service: ServiceSpec,
+    pods: Sequence[ObservedPod],
+    node_free_gpus: Mapping[str, int],
+    previous_status: Mapping[str, Any],
+    now: str,
+    gone: Sequence[ObservedPod] = (),
+) -> Plan:
+    """Create missing replicas, remove surplus and finished ones, roll outdated ones; status."""
+    workload = service.workload
+    desired = service.desired_replicas()
+    plan = Plan()
+    live = [p for p in pods if p.live]
+    finished = [p for p in pods if not p.terminating and not p.live]
+    plan.delete += [p.name for p in finished]
+    ordered = scale_down_order(live, node_free_gpus, workload.topology_tier)
+    surplus = ordered[: max(0, len(live) - desired)]
+    plan.delete += [p.name for p in surplus]
+    victim = _rolling_victim(live, workload.spec_hash(), desired, ordered)
+    if victim is not None:
+        plan.delete.append(victim.name)
+        plan.events.append(Event("Normal", "RollingUpdate", f"replacing {victim.name}"))
+    taken = {p.index for p in pods}
+    missing = max(0, desired - len(live))
+    plan.create += [service_pod(service, i) for i in _free_indices(taken, missing)]
+    if surplus:
+        names = ", ".join(p.name for p in surplus)
+        plan.events.append(Event("Normal", "ScaledDown", f"removed {names} (to {desired})"))
+    if missing:
+        plan.events.append(Event("Normal", "ScaledUp", f"creating {missing} (to {desired})"))
+    plan.status = _service_status(service, live, gone, previous_status, plan, now)
+    return plan
+
+
+def _service_status(
+    service: ServiceSpec,
+    live: Sequence[ObservedPod],
+    gone: Sequence[ObservedPod],
+    previous: Mapping[str, Any],
+    plan: Plan,
+    now: str,
+) -> dict[str, Any]:
+    workload = service.workload
+    desired = service.desired_replicas()
+    ready = sum(p.ready for p in live)
+    updated = sum(p.spec_hash == workload.spec_hash() for p in live)
+    unschedulable = [p.name for p in live if p.unschedulable]
+    preempted = sum(p.disrupted for p in gone)
+    changing = bool(plan.create or plan.delete) or updated < len(live) or ready < desired
+    if desired == 0:
+        phase = "ScaledToZero"
+    elif ready >= desired:
+        phase = "Ready"
+    elif unschedulable:
+        phase = "Degraded"
+    else:
+        phase = "Progressing"
+    conditions = [
+        condition(
+            "Ready",
+            ready >= desired,
+            "ReplicasReady" if ready >= desired else "ReplicasNotReady",
+            f"{ready}/{desired} replicas ready",
+        ),
+        condition("Progressing", changing, "Reconciling" if changing else "Stable"),
+        condition(
+            "Degraded",
+            bool(unschedulable),
+            "Unschedulable" if unschedulable else "AsExpected",
+            ("cannot be placed: " + ", ".join(unschedulable)) if unschedulable else "",
+        ),
+    ]
+    return {
+        "observedGeneration": workload.generation,
+        "phase": phase,
+        "replicas": len(live),
+        "readyReplicas": ready,
+        "updatedReplicas": updated,
+        "selector": f"{workload.owner_label}={workload.name}",
+        "preemptions": int(previous.get("preemptions", 0)) + preempted,
+        "placements": _placements(live),
+        "conditions": merge_conditions(
+            previous.get("conditions") or (), conditions, now, workload.generation
+        ),
+    }
+
+
+# -- LLMBatchJob ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Worker:
+    """What the job's status remembers of worker ``index`` across its attempts."""
+
+    index: int
+    attempt: int = 0  # of the pod now counted; 0 before the first one exists
+    uid: str = ""
+    ended_uid: str = ""  # the last attempt whose end was already counted
+    state: str = "Pending"  # Pending | Running | Waiting | Succeeded | Failed
+    checkpoint: str = ""
+    preemptions: int = 0
+    failures: int = 0
+    node: str = ""
+    gpus: str = ""
+    tier: str = ""
+
+    @classmethod
+    def from_status(cls, entry: Mapping[str, Any]) -> Worker:
+        return cls(
+            index=int(entry["index"]),
+            attempt=int(entry.get("attempt", 0)),
+            uid=entry.get("uid", ""),
+            ended_uid=entry.get("endedUID", ""),
+            state=entry.get("state", "Pending"),
+            checkpoint=entry.get("checkpoint", ""),
+            preemptions=int(entry.get("preemptions", 0)),
+            failures=int(entry.get("failures", 0)),
+        )
+
+    def to_status(self, pod_name: str) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "attempt": self.attempt,
+            "uid": self.uid,
+            "endedUID": self.ended_uid,
+            "state": self.state,
+            "checkpoint": self.checkpoint,
+            "preemptions": self.preemptions,
+            "failures": self.failures,
+            "pod": pod_name,
+            "node": self.node,
+            "gpus": self.gpus,
+            "tier": self.tier,
+        }
+
+
+def _count_end(worker: Worker, pod: ObservedPod) -> tuple[Worker, Event | None]:
+    """Account once for how ``pod`` (this worker's attempt) ended."""
+    if worker.ended_uid == pod.uid:
+        return worker, None
+    checkpoint = pod.checkpoint or worker.checkpoint
+    ended = replace(worker, ended_uid=pod.uid, checkpoint=checkpoint, node="", gpus="", tier="")
+    if pod.phase == "Succeeded":
+        return replace(ended, state="Succeeded"), None
+    if pod.phase == "Failed" and not pod.disrupted:
+        message = f"worker {worker.index} attempt {pod.attempt} ({pod.name}) failed"
+        return replace(ended, state="Waiting", failures=worker.failures + 1), Event(
+            "Warning", "WorkerFailed", message
+        )
+    # Preempted, evicted or deleted: not the job's fault, so no backoff is used up.
+    where = f" from {checkpoint}" if checkpoint else " from the start"
+    message = f"worker {worker.index} ({pod.name}) preempted; resumes{where}"
+    return replace(ended, state="Waiting", preemptions=worker.preemptions + 1), Event(
+        "Normal", "Preempted", message
+    )
+
+
+def _step_worker(
+    worker: Worker, pods: Sequence[ObservedPod]
+) -> tuple[Worker, ObservedPod | None, list[Event]]:
+    """Fold this worker's pods into its record; return it and its live pod, if any."""
+    events = []
+    for pod in sorted(pods, key=lambda p: p.attempt):
+        if pod.attempt >= worker.attempt:
+            worker = replace(worker, attempt=pod.attempt, uid=pod.uid)
+        if pod.checkpoint and pod.attempt == worker.attempt:
+            worker = replace(worker, checkpoint=pod.checkpoint)
+        if (pod.terminating or not pod.live) and pod.uid == worker.uid:
+            worker, event = _count_end(worker, pod)
+            events += [event] if event else []
+    live = next((p for p in pods if p.live and p.uid == worker.uid), None)
+    if live is not None:
+        state = "Running" if live.phase == "Running" else "Pending"
+        worker = replace(worker, state=state, node=live.node, gpus=live.gpus, tier=live.tier)
+    elif worker.uid and worker.ended_uid != worker.uid and all(p.uid != worker.uid for p in pods):
+        # The pod vanished while nobody watched (operator down): a disruption, not a failure.
+        gone = ObservedPod(
+            name="",
+            uid=worker.uid,
+            index=worker.index,
+            phase="Unknown",
+            attempt=worker.attempt,
+            terminating=True,
+        )
+        worker, event = _count_end(worker, gone)
+        events += [event] if event else []
+    return worker, live, events
+
+
+def _job_verdict(job: JobSpec, workers: Sequence[Worker]) -> tuple[str, str, str]:
+    """(phase, reason, message) of the whole job."""
+    failures = sum(w.failures for w in workers)
+    preemptions = sum(w.preemptions for w in workers)
+    if all(w.state == "Succeeded" for w in workers):
+        return "Succeeded", "Completed", f"{len(workers)} workers succeeded"
+    if failures > job.backoff_limit:
+        return (
+            "Failed",
+            "BackoffLimitExceeded",
+            (f"{failures} failures exceed backoffLimit {job.backoff_limit}"),
+        )
+    if job.max_preemptions is not None and preemptions > job.max_preemptions:
+        return (
+            "Failed",
+            "MaxPreemptionsExceeded",
+            (f"{preemptions} preemptions exceed maxPreemptions {job.max_preemptions}"),
+        )
+    if any(w.state == "Running" for w in workers):
+        return "Running", "WorkersRunning", ""
+    return "Pending", "WaitingForGPUs", ""
+
+
+def plan_job(
+    job: JobSpec,
+    pods: Sequence[ObservedPod],
+    previous_status: Mapping[str, Any],
+    now: str,
+    gone: Sequence[ObservedPod] = (),
+) -> Plan:
+    """Keep one live pod per unfinished worker, resuming each from its last checkpoint;
+    count failures against backoffLimit and preemptions apart; decide completion.
+
+    ``gone`` are pods deleted since the last reconcile, as their watch event last showed them
+    (with the DisruptionTarget condition and the checkpoint written during the grace period).
+    """
+    plan = Plan()
+    known = {int(e["index"]): Worker.from_status(e) for e in previous_status.get("workers") or ()}
+    workers, lives = [], {}
+    for index in range(job.parallelism):
+        mine = [p for p in (*pods, *gone) if p.index == index]
+        worker, live, events = _step_worker(known.get(index, Worker(index)), mine)
+        workers.append(worker)
+        lives[index] = live
+        plan.events += events
+    phase, reason, message = _job_verdict(job, workers)
+    finished = previous_status.get("phase") in ("Succeeded", "Failed")
+    if phase == "Failed":
+        plan.delete += [p.name for p in pods if p.live]
+    elif not finished:
+        plan.create += _replacements(job, workers, lives, pods)
+    if phase != previous_status.get("phase") and phase in ("Succeeded", "Failed"):
+        kind = "Normal" if phase == "Succeeded" else "Warning"
+        plan.events.append(Event(kind, reason, message or phase))
+    plan.status = _job_status(job, workers, lives, previous_status, phase, reason, message, now)
+    return plan
+
+
+def _replacements(
+    job: JobSpec,
+    workers: Sequence[Worker],
+    lives: Mapping[int, ObservedPod | None],
+    pods: Sequence[ObservedPod],
+) -> list[dict[str, Any]]:
+    """A new attempt for each unfinished worker with no pod, once its old pod is gone (its
+    checkpoint is written during the grace period)."""
+    going = {p.index for p in pods if p.terminating}
+    create = []
+    for worker in workers:
+        if worker.state == "Succeeded" or lives[worker.index] or worker.index in going:
+            continue
+        create.append(job_pod(job, worker.index, worker.attempt + 1, worker.checkpoint))
+    return create
+
+
+def _job_status(
+    job: JobSpec,
+    workers: Sequence[Worker],
+    lives: Mapping[int, ObservedPod | None],
+    previous: Mapping[str, Any],
+    phase: str,
+    reason: str,
+    message: str,
+    now: str,
+) -> dict[str, Any]:
+    # Preempted workers not running again yet (their new pod waits for GPUs).
+    waiting = [w for w in workers if w.preemptions and w.state in ("Waiting", "Pending")]
+    conditions = [
+        condition(
+            "Complete",
+            phase == "Succeeded",
+            reason if phase == "Succeeded" else "Running",
+            message if phase == "Succeeded" else "",
+        ),
+        condition(
+            "Failed",
+            phase == "Failed",
+            reason if phase == "Failed" else "AsExpected",
+            message if phase == "Failed" else "",
+        ),
+        condition(
+            "Preempted",
+            bool(waiting),
+            "PreemptedByScheduler" if waiting else "Running",
+            ", ".join(f"worker {w.index} waits to resume" for w in waiting),
+        ),
+    ]
+    status: dict[str, Any] = {
+        "observedGeneration": job.workload.generation,
+        "phase": phase,
+        "active": sum(1 for live in lives.values() if live is not None),
+        "succeeded": sum(w.state == "Succeeded" for w in workers),
+        "failed": sum(w.failures for w in workers),
+        "preemptions": sum(w.preemptions for w in workers),
+        "workers": [
+            w.to_status(lives[w.index].name if lives[w.index] else "")  # type: ignore[union-attr]
+            for w in workers
+        ],
+        "conditions": merge_conditions(
+            previous.get("conditions") or (), conditions, now, job.workload.generation
+        ),
+        "startTime": previous.get("startTime") or now,
+    }
+    if phase in ("Succeeded", "Failed"):
+        status["completionTime"] = previous.get("completionTime") or now
+    return status

@@ -1,0 +1,77 @@
+"""Start the operator: install what it needs (optionally), register the handlers, run kopf."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+
+from tidal.operator.handlers import post_event, register
+from tidal.operator.kube import OperatorKube, install
+from tidal.operator.reconciler import Reconciler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OperatorOptions:
+    kubeconfig: Path | None = None  # in-cluster config when None
+    namespaces: tuple[str, ...] = ()  # every namespace when empty
+    liveness: str | None = None  # e.g. http://0.0.0.0:8080/healthz
+    peering: str | None = None  # a ClusterKopfPeering name for several replicas; else standalone
+    install: bool = False  # apply CRDs, PriorityClasses, ClusterRole first
+
+
+def api_client(kubeconfig: Path | None) -> client.ApiClient:
+    configuration = client.Configuration()
+    if kubeconfig is None:
+        config.load_incluster_config(client_configuration=configuration)
+    else:
+        config.load_kube_config(str(kubeconfig), client_configuration=configuration)
+    configuration.connection_pool_maxsize = 32
+    return client.ApiClient(configuration)
+
+
+def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
+    """kopf's credentials from the kubernetes client's: one kubeconfig for both."""
+    token = (configuration.api_key or {}).get("authorization", "")
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+        token=token.removeprefix("Bearer ").strip() or None,
+    )
+
+
+def build_registry(reconciler: Reconciler, api: client.ApiClient) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    register(registry, reconciler)
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return connection_info(api.configuration)
+
+    return registry
+
+
+def run_operator(options: OperatorOptions) -> None:
+    """Run until interrupted (SIGINT/SIGTERM)."""
+    api = api_client(options.kubeconfig)
+    if options.install:
+        for applied in install(api):
+            log.info("applied %s", applied)
+    reconciler = Reconciler(OperatorKube(api), on_event=post_event)
+    kopf.run(
+        registry=build_registry(reconciler, api),
+        clusterwide=not options.namespaces,
+        namespaces=options.namespaces,
+        standalone=options.peering is None,
+        peering_name=options.peering,
+        liveness_endpoint=options.liveness,
+    )

@@ -20,10 +20,12 @@ from e2e.helpers import binaries_or_skip, wait_for
 from tidal.devcluster import ClusterOptions, LocalCluster
 from tidal.devcluster.binaries import Binaries
 from tidal.devcluster.nodes import node_names
+from tidal.topology import preset_names
 
 NODES = node_names(2, ["dgx1-v100"], prefix="op")
 EXAMPLES = Path(__file__).parents[2] / "examples"
 GROUP, VERSION = "tidal.dev", "v1alpha1"
+PRESET_DIR = Path(__file__).parents[2] / "tidal" / "topology" / "preset_data"
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +206,23 @@ def test_kubectl_apply_of_a_bad_object_is_rejected_naming_the_field(
     result = kubectl(cluster, "apply", "-n", ns, "-f", "-", stdin=yaml.safe_dump(obj))
     assert result.returncode != 0, f"{case} was accepted"
     assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_gputopology_accepts_every_preset_without_pruning_a_field(custom: Any, preset: str) -> None:
+    spec = yaml.safe_load((PRESET_DIR / f"{preset}.yaml").read_text())
+    name = f"e2e-{preset}"
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "GPUTopology",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+    created = custom.create_cluster_custom_object(GROUP, VERSION, "gputopologies", body)
+    try:
+        assert created["spec"] == spec
+    finally:
+        custom.delete_cluster_custom_object(GROUP, VERSION, "gputopologies", name)
 
 
 def test_immutable_batch_fields_cannot_change(cluster: LocalCluster, custom: Any, ns: str) -> None:

@@ -275,7 +275,18 @@ JOB_STATUS = _obj(
 # GPUTopology.spec is the preset schema of tidal.topology (see tidal/topology/preset_data/),
 # so a published object and a preset file are read by the same parser.
 _GPU_IDS = {"type": "array", "items": _int(0)}
-_SWITCH = _obj({"id": _int(0), "gpus": _GPU_IDS, "nics": {"type": "array", "items": _str()}})
+_SWITCH_PROPS = {"id": _int(0), "gpus": _GPU_IDS, "nics": {"type": "array", "items": _str()}}
+
+
+def _switch(depth: int) -> dict[str, Any]:
+    """PCIe switches cascade (a switch behind a switch); a schema cannot recurse, so the CRD
+    spells out ``depth`` levels."""
+    if depth == 1:
+        return _obj(_SWITCH_PROPS)
+    return _obj({**_SWITCH_PROPS, "switches": {"type": "array", "items": _switch(depth - 1)}})
+
+
+_SWITCH = _switch(3)
 _BRIDGE = _obj({"id": _int(0), "switches": {"type": "array", "items": _SWITCH}})
 _NUMA = _obj(
     {"id": _int(0), "cpu_cores": _int(0), "host_bridges": {"type": "array", "items": _BRIDGE}}

@@ -1,0 +1,381 @@
+"""The operator's pure planners, and the reconciler against an in-memory API with a fake clock."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import itertools
+from typing import Any
+
+import pytest
+
+from tidal.operator.crds import custom_resource_definitions
+from tidal.operator.planner import plan_job, plan_service, scale_down_order, scheduled_replicas
+from tidal.operator.reconciler import Reconciler
+from tidal.operator.spec import ObservedPod, observe_pod, parse_job, parse_service
+
+NOW = "2026-11-23T12:00:00Z"
+
+
+def service_obj(replicas: int = 2, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "tidal.dev/v1alpha1",
+        "kind": "LLMService",
+        "metadata": {"name": "chat", "namespace": "ns", "uid": "svc-uid", "generation": 3},
+        "spec": {
+            "model": {"name": "m", "uri": "hf://org/m"},
+            "tensorParallel": 4,
+            "replicas": replicas,
+            "topology": {"mode": "guaranteed", "tier": "nvlink"},
+            **spec,
+        },
+    }
+
+
+def job_obj(workers: int = 2, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "tidal.dev/v1alpha1",
+        "kind": "LLMBatchJob",
+        "metadata": {"name": "job", "namespace": "ns", "uid": "job-uid", "generation": 1},
+        "spec": {
+            "model": {"name": "m", "uri": "hf://org/m"},
+            "tensorParallel": 2,
+            "parallelism": workers,
+            "input": {"uri": "s3://in/"},
+            "output": {"uri": "s3://out/"},
+            "backoffLimit": 1,
+            **spec,
+        },
+    }
+
+
+def replica(index: int, **facts: Any) -> ObservedPod:
+    base: dict[str, Any] = {
+        "name": f"chat-{index}",
+        "uid": f"u{index}",
+        "index": index,
+        "phase": "Running",
+        "ready": True,
+        "node": "n1",
+        "tier": "nvlink",
+        "spec_hash": parse_service(service_obj()).workload.spec_hash(),
+    }
+    return ObservedPod(**{**base, **facts})
+
+
+# -- pods and services ----------------------------------------------------------------------
+def test_a_service_pod_carries_scheduler_priority_gpus_topology_and_owner() -> None:
+    plan = plan_service(parse_service(service_obj(1)), [], {}, {}, NOW)
+    (pod,) = plan.create
+    assert pod["metadata"]["name"] == "chat-0"
+    assert pod["spec"]["schedulerName"] == "tidal-scheduler"
+    assert pod["spec"]["priorityClassName"] == "tidal-online"
+    assert pod["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "4"}
+    notes = pod["metadata"]["annotations"]
+    assert notes["tidal.dev/topology-mode"] == "guaranteed"
+    assert notes["tidal.dev/topology-tier"] == "nvlink"
+    owner = pod["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("LLMService", "svc-uid", True)
+    assert pod["metadata"]["labels"]["tidal.dev/llmservice"] == "chat"
+
+
+def test_scale_up_fills_the_lowest_free_indices_and_skips_terminating_names() -> None:
+    pods = [replica(0), replica(2, terminating=True)]
+    plan = plan_service(parse_service(service_obj(3)), pods, {}, {}, NOW)
+    assert [p["metadata"]["name"] for p in plan.create] == ["chat-1", "chat-3"]
+
+
+def test_scale_down_removes_unbound_then_misaligned_then_those_joining_free_gpus() -> None:
+    pods = [
+        replica(0, node="full"),
+        replica(1, node="roomy"),
+        replica(2, tier="numa", node="full"),
+        replica(3, node="", phase="Pending", ready=False),
+    ]
+    order = scale_down_order(pods, {"full": 0, "roomy": 4}, "nvlink")
+    assert [p.index for p in order] == [3, 2, 1, 0]
+    plan = plan_service(parse_service(service_obj(2)), pods, {"full": 0, "roomy": 4}, {}, NOW)
+    assert plan.delete == ["chat-3", "chat-2"]
+    assert plan.create == []
+
+
+def test_outdated_replicas_are_replaced_one_at_a_time_and_only_when_all_are_ready() -> None:
+    old = [replica(0, spec_hash="old"), replica(1, spec_hash="old")]
+    plan = plan_service(parse_service(service_obj(2)), old, {}, {}, NOW)
+    assert len(plan.delete) == 1
+    one_down = [replica(0, spec_hash="old", ready=False), replica(1, spec_hash="old")]
+    assert plan_service(parse_service(service_obj(2)), one_down, {}, {}, NOW).delete == []
+
+
+def test_service_status_reports_ready_placements_selector_and_degraded() -> None:
+    pods = [replica(0, gpus="0,1,2,3"), replica(1, node="", ready=False, unschedulable=True)]
+    status = plan_service(parse_service(service_obj(2)), pods, {}, {}, NOW).status
+    assert (status["replicas"], status["readyReplicas"], status["phase"]) == (2, 1, "Degraded")
+    assert status["selector"] == "tidal.dev/llmservice=chat"
+    assert status["placements"][0] == {
+        "index": 0,
+        "pod": "chat-0",
+        "node": "n1",
+        "gpus": "0,1,2,3",
+        "tier": "nvlink",
+        "phase": "Running",
+    }
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Degraded"]["status"] == "True"
+    assert "chat-1" in conditions["Degraded"]["message"]
+    assert conditions["Ready"]["status"] == "False"
+
+
+def test_autoscaling_bounds_clamp_replicas() -> None:
+    obj = service_obj(9, autoscaling={"minReplicas": 1, "maxReplicas": 3})
+    assert len(plan_service(parse_service(obj), [], {}, {}, NOW).create) == 3
+
+
+# -- the schedule -----------------------------------------------------------------------------
+SCHEDULE = {
+    "minReplicas": 1,
+    "maxReplicas": 6,
+    "timeZone": "Europe/Berlin",
+    "schedule": [{"at": "07:00", "replicas": 4}, {"at": "23:00", "replicas": 2}],
+}
+
+
+@pytest.mark.parametrize(
+    ("utc", "slot", "replicas"),
+    [
+        ("2026-11-23T06:30:00", "2026-11-23T07:00", 4),  # 07:30 in Berlin (UTC+1)
+        ("2026-11-23T05:30:00", "2026-11-22T23:00", 2),  # before the first entry: yesterday's
+        ("2026-11-23T22:00:00", "2026-11-23T23:00", 2),
+    ],
+)
+def test_the_schedule_entry_in_force_follows_the_time_zone(
+    utc: str, slot: str, replicas: int
+) -> None:
+    autoscaling = parse_service(service_obj(autoscaling=SCHEDULE)).autoscaling
+    now = dt.datetime.fromisoformat(utc).replace(tzinfo=dt.UTC)
+    assert scheduled_replicas(autoscaling, now, "") == (slot, replicas)
+    assert scheduled_replicas(autoscaling, now, slot) is None  # applied once: kubectl scale holds
+
+
+# -- batch jobs -------------------------------------------------------------------------------
+def worker(index: int, attempt: int = 1, **facts: Any) -> ObservedPod:
+    base: dict[str, Any] = {
+        "name": f"job-{index}-{attempt}",
+        "uid": f"w{index}a{attempt}",
+        "index": index,
+        "phase": "Running",
+        "attempt": attempt,
+        "node": "n1",
+    }
+    return ObservedPod(**{**base, **facts})
+
+
+def test_first_reconcile_creates_one_pod_per_worker_from_scratch() -> None:
+    plan = plan_job(parse_job(job_obj(2)), [], {}, NOW)
+    names = [p["metadata"]["name"] for p in plan.create]
+    assert names == ["job-0-1", "job-1-1"]
+    env = {e["name"]: e.get("value") for e in plan.create[0]["spec"]["containers"][0]["env"]}
+    assert env["TIDAL_RESUME_FROM"] == ""
+    assert env["TIDAL_SHARD"] == "0/2"
+    assert plan.create[0]["spec"]["priorityClassName"] == "tidal-batch"
+    assert plan.create[0]["metadata"]["annotations"]["tidal.dev/topology-mode"] == "best-effort"
+
+
+def test_a_preempted_worker_is_counted_once_and_resumes_from_its_checkpoint() -> None:
+    job = parse_job(job_obj(2))
+    first = plan_job(job, [worker(0), worker(1)], {}, NOW)
+    gone = worker(0, terminating=True, disrupted=True, checkpoint="s3://out/ckpt/0/step-7")
+    second = plan_job(job, [worker(1)], first.status, NOW, gone=[gone])
+    (pod,) = second.create
+    assert pod["metadata"]["name"] == "job-0-2"
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["TIDAL_RESUME_FROM"] == "s3://out/ckpt/0/step-7"
+    assert (second.status["preemptions"], second.status["failed"]) == (1, 0)
+    # The same deletion seen again (a repeated watch event) is not counted twice.
+    again = plan_job(job, [worker(1)], second.status, NOW, gone=[gone])
+    assert again.status["preemptions"] == 1
+    assert [p["metadata"]["name"] for p in again.create] == ["job-0-2"]  # same name: a 409
+
+
+def test_a_worker_is_not_replaced_while_its_old_pod_still_writes_its_checkpoint() -> None:
+    job = parse_job(job_obj(1))
+    plan = plan_job(job, [worker(0, terminating=True, disrupted=True)], {}, NOW)
+    assert plan.create == []
+    assert plan.status["preemptions"] == 1
+
+
+def test_failures_use_up_the_backoff_limit_and_then_fail_the_job() -> None:
+    job = parse_job(job_obj(1))  # backoffLimit 1
+    status: dict[str, Any] = {}
+    for attempt in (1, 2):
+        plan = plan_job(job, [worker(0, attempt, phase="Failed")], status, NOW)
+        status = plan.status
+    assert status["phase"] == "Failed"
+    assert status["failed"] == 2
+    assert {c["type"]: c["reason"] for c in status["conditions"]}["Failed"] == (
+        "BackoffLimitExceeded"
+    )
+    assert plan.create == []
+
+
+def test_max_preemptions_fails_the_job() -> None:
+    job = parse_job(job_obj(1, maxPreemptions=0))
+    plan = plan_job(
+        job,
+        [],
+        {"workers": [{"index": 0, "attempt": 1, "uid": "w0a1"}]},
+        NOW,
+        gone=[worker(0, terminating=True, disrupted=True)],
+    )
+    assert plan.status["phase"] == "Failed"
+    assert "maxPreemptions 0" in plan.status["conditions"][1]["message"]
+
+
+def test_a_pod_that_vanished_unseen_counts_as_a_disruption_not_a_failure() -> None:
+    job = parse_job(job_obj(1))
+    status = {"workers": [{"index": 0, "attempt": 3, "uid": "gone", "checkpoint": "c"}]}
+    plan = plan_job(job, [], status, NOW)
+    assert plan.status["preemptions"] == 1 and plan.status["failed"] == 0
+    assert plan.create[0]["metadata"]["name"] == "job-0-4"
+
+
+def test_the_job_succeeds_when_every_worker_has() -> None:
+    job = parse_job(job_obj(2))
+    plan = plan_job(job, [worker(0, phase="Succeeded"), worker(1, phase="Succeeded")], {}, NOW)
+    assert plan.status["phase"] == "Succeeded"
+    assert plan.status["completionTime"] == NOW
+    assert plan.create == [] and plan.delete == []
+
+
+# -- the reconciler against an in-memory API --------------------------------------------------
+class MemoryKube:
+    """Objects and pods in dictionaries; the apiserver's name uniqueness included."""
+
+    def __init__(self, *objects: dict[str, Any]) -> None:
+        self.objects = {(o["kind"], o["metadata"]["name"]): copy.deepcopy(o) for o in objects}
+        self.pods: dict[str, dict[str, Any]] = {}
+        self.uids = itertools.count()
+        self.fail_creates_after: int | None = None
+
+    def get_object(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        obj = self.objects.get((kind, name))
+        return copy.deepcopy(obj) if obj else None
+
+    def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.objects[(kind, name)].setdefault("status", {}).update(copy.deepcopy(status))
+
+    def set_replicas(self, namespace: str, name: str, replicas: int) -> None:
+        self.objects[("LLMService", name)]["spec"]["replicas"] = replicas
+
+    def owned_pods(self, label: str, namespace: str, name: str) -> list[dict[str, Any]]:
+        return [
+            copy.deepcopy(p)
+            for p in self.pods.values()
+            if p["metadata"]["labels"].get(label) == name
+        ]
+
+    def create_pod(self, pod: dict[str, Any]) -> bool:
+        if self.fail_creates_after is not None:
+            if self.fail_creates_after == 0:
+                raise RuntimeError("operator killed")
+            self.fail_creates_after -= 1
+        name = pod["metadata"]["name"]
+        if name in self.pods:
+            return False
+        pod = copy.deepcopy(pod)
+        pod["metadata"]["uid"] = f"uid-{next(self.uids)}"
+        pod["status"] = {"phase": "Pending"}
+        self.pods[name] = pod
+        return True
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        self.pods.pop(name, None)
+
+    def node_free_gpus(self, nodes: Any) -> dict[str, int]:
+        return {}
+
+
+class FakeClock:
+    def __init__(self, iso: str) -> None:
+        self.now = dt.datetime.fromisoformat(iso).replace(tzinfo=dt.UTC)
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+def test_a_reconcile_killed_mid_way_and_rerun_creates_no_duplicate() -> None:
+    kube = MemoryKube(job_obj(4))
+    kube.fail_creates_after = 2
+    with pytest.raises(RuntimeError):
+        Reconciler(kube).reconcile("LLMBatchJob", "ns", "job")
+    kube.fail_creates_after = None
+    Reconciler(kube).reconcile("LLMBatchJob", "ns", "job")  # a restarted operator
+    Reconciler(kube).reconcile("LLMBatchJob", "ns", "job")
+    assert sorted(kube.pods) == ["job-0-1", "job-1-1", "job-2-1", "job-3-1"]
+
+
+def test_the_schedule_scales_at_its_times_and_kubectl_scale_holds_until_the_next() -> None:
+    obj = service_obj(
+        1,
+        autoscaling={
+            "maxReplicas": 6,
+            "schedule": [{"at": "08:00", "replicas": 5}, {"at": "20:00", "replicas": 2}],
+        },
+    )
+    kube, clock = MemoryKube(obj), FakeClock("2026-11-23T09:00:00")
+    events: list[str] = []
+    reconciler = Reconciler(kube, clock, lambda _o, e: events.append(e.reason))
+    reconciler.reconcile("LLMService", "ns", "chat")
+    assert kube.objects[("LLMService", "chat")]["spec"]["replicas"] == 5
+    assert len(kube.pods) == 5 and "Scheduled" in events
+    kube.set_replicas("ns", "chat", 3)  # kubectl scale
+    reconciler.reconcile("LLMService", "ns", "chat")
+    assert len(kube.pods) == 3
+    clock.now = clock.now.replace(hour=20, minute=1)
+    reconciler.reconcile("LLMService", "ns", "chat")
+    assert len(kube.pods) == 2
+    assert kube.objects[("LLMService", "chat")]["status"]["scheduleSlot"] == "2026-11-23T20:00"
+
+
+def test_observe_pod_reads_conditions_annotations_and_deletion() -> None:
+    pod = {
+        "metadata": {
+            "name": "job-0-2",
+            "uid": "u",
+            "deletionTimestamp": "2026-11-23T12:00:00Z",
+            "labels": {"tidal.dev/index": "0"},
+            "annotations": {
+                "tidal.dev/gpus": "0,1",
+                "tidal.dev/attempt": "2",
+                "tidal.dev/checkpoint": "s3://c",
+                "tidal.dev/topology-achieved": "nvlink",
+            },
+        },
+        "spec": {"nodeName": "n1"},
+        "status": {
+            "phase": "Running",
+            "conditions": [
+                {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"},
+                {"type": "Ready", "status": "True"},
+            ],
+        },
+    }
+    seen = observe_pod(pod)
+    assert (seen.index, seen.attempt, seen.gpus, seen.tier) == (0, 2, "0,1", "nvlink")
+    assert seen.terminating and seen.disrupted and seen.ready and not seen.live
+    assert seen.checkpoint == "s3://c"
+
+
+def test_every_crd_has_short_names_the_tidal_category_and_a_status_subresource() -> None:
+    crds = {c["spec"]["names"]["kind"]: c for c in custom_resource_definitions()}
+    assert {k: c["spec"]["names"]["shortNames"] for k, c in crds.items()} == {
+        "LLMService": ["llmsvc"],
+        "LLMBatchJob": ["llmjob"],
+        "GPUTopology": ["gputopo"],
+    }
+    for crd in crds.values():
+        assert crd["spec"]["names"]["categories"] == ["tidal"]
+        assert "status" in crd["spec"]["versions"][0]["subresources"]
+    assert crds["GPUTopology"]["spec"]["scope"] == "Cluster"
+    scale = crds["LLMService"]["spec"]["versions"][0]["subresources"]["scale"]
+    assert scale["specReplicasPath"] == ".spec.replicas"

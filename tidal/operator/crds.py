@@ -520,6 +520,48 @@ def operator_cluster_role() -> dict[str, Any]:
     }
 
 
+def kopf_peering_crd() -> dict[str, Any]:
+    """kopf's ClusterKopfPeering, where operator replicas see each other (``--peering``):
+    the one with the highest priority works, the others wait."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "clusterkopfpeerings.kopf.dev"},
+        "spec": {
+            "group": "kopf.dev",
+            "scope": "Cluster",
+            "names": {
+                "kind": "ClusterKopfPeering",
+                "plural": "clusterkopfpeerings",
+                "singular": "clusterkopfpeering",
+            },
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "properties": {
+                                "status": {
+                                    "type": "object",
+                                    "x-kubernetes-preserve-unknown-fields": True,
+                                },
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
 def manifests() -> list[dict[str, Any]]:
     """Everything the operator needs installed before it runs."""
-    return [*custom_resource_definitions(), *priority_classes(), operator_cluster_role()]
+    return [
+        *custom_resource_definitions(),
+        kopf_peering_crd(),
+        *priority_classes(),
+        operator_cluster_role(),
+    ]

@@ -72,8 +72,8 @@ def run_command(
 @app.command("install-crds")
 def install_command(kubeconfig: Kubeconfig = None) -> None:
     """Apply the CRDs, the PriorityClasses and the operator's ClusterRole (server-side apply)."""
+    from tidal.kubeclient import api_client  # noqa: PLC0415
     from tidal.operator.kube import install  # noqa: PLC0415
-    from tidal.operator.run import api_client  # noqa: PLC0415
 
     for applied in install(api_client(kubeconfig)):
         typer.echo(f"applied {applied}")

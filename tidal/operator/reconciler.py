@@ -101,7 +101,10 @@ class Reconciler:
             service = parse_service(obj)
             status = {**status, "scheduleSlot": slot}
         pods = [observe_pod(p) for p in self._pods(obj)]
-        free = self.kube.node_free_gpus(p.node for p in pods if p.bound and p.live)
+        live = [p for p in pods if p.live]
+        # Free GPUs per node only order a scale-down; skip the node reads otherwise.
+        surplus = len(live) > service.desired_replicas()
+        free = self.kube.node_free_gpus(p.node for p in live if p.bound) if surplus else {}
         plan = plan_service(service, pods, free, status, _stamp(now), gone)
         if "scheduleSlot" in status:
             plan.status["scheduleSlot"] = status["scheduleSlot"]

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import kopf
-from kubernetes import client, config
+from kubernetes import client
 
+from tidal.kubeclient import api_client
 from tidal.operator.handlers import post_event, register
 from tidal.operator.kube import OperatorKube, install
 from tidal.operator.reconciler import Reconciler
@@ -24,16 +25,6 @@ class OperatorOptions:
     liveness: str | None = None  # e.g. http://0.0.0.0:8080/healthz
     peering: str | None = None  # a ClusterKopfPeering name for several replicas; else standalone
     install: bool = False  # apply CRDs, PriorityClasses, ClusterRole first
-
-
-def api_client(kubeconfig: Path | None) -> client.ApiClient:
-    configuration = client.Configuration()
-    if kubeconfig is None:
-        config.load_incluster_config(client_configuration=configuration)
-    else:
-        config.load_kube_config(str(kubeconfig), client_configuration=configuration)
-    configuration.connection_pool_maxsize = 32
-    return client.ApiClient(configuration)
 
 
 def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
@@ -62,7 +53,7 @@ def build_registry(reconciler: Reconciler, api: client.ApiClient) -> kopf.Operat
 
 def run_operator(options: OperatorOptions) -> None:
     """Run until interrupted (SIGINT/SIGTERM)."""
-    api = api_client(options.kubeconfig)
+    api = api_client(options.kubeconfig, pool_size=32)
     if options.install:
         for applied in install(api):
             log.info("applied %s", applied)

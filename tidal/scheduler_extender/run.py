@@ -10,8 +10,8 @@ from pathlib import Path
 
 import orjson
 import uvicorn
-from kubernetes import client, config
 
+from tidal.kubeclient import api_client
 from tidal.scheduler_extender.cache import ClusterCache
 from tidal.scheduler_extender.extender import Extender, ExtenderSettings
 from tidal.scheduler_extender.kube import KubeActions, start_reflectors, wait_synced
@@ -46,16 +46,6 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
-
-
-def api_client(kubeconfig: Path | None) -> client.ApiClient:
-    configuration = client.Configuration()
-    if kubeconfig is None:
-        config.load_incluster_config(client_configuration=configuration)
-    else:
-        config.load_kube_config(str(kubeconfig), client_configuration=configuration)
-    configuration.connection_pool_maxsize = 16
-    return client.ApiClient(configuration)
 
 
 def serve(options: ServeOptions) -> None:

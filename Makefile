@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo report test lint typecheck contracts unit e2e-binaries bench bench-k8s dev-cluster clean
+.PHONY: setup demo report test lint typecheck contracts unit e2e-binaries bench bench-k8s dev-cluster protos clean
 
 $(BIN)/tidal: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ typecheck: setup
 
 contracts: setup
 	$(BIN)/lint-imports
+
+# The kubelet device plugin API stubs, from the .proto beside them (a unit test checks they are
+# current).
+PROTO := tidal/node_agent/deviceplugin/v1beta1/api.proto
+protos: setup
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)
 
 # The real control plane's binaries, built from Go modules into ~/.cache/tidal/k8s (cold: ~15
 # min on 2 cores; cached: seconds).

@@ -15,6 +15,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from tidal.devcluster.cli import app as dev_cluster_app
+from tidal.node_agent.cli import app as node_agent_app
 from tidal.operator.cli import app as operator_app
 from tidal.placement import (
     POLICY_NAMES,
@@ -48,6 +49,7 @@ topo_app = typer.Typer(help="Inspect GPU topology presets.", no_args_is_help=Tru
 app.add_typer(topo_app, name="topo")
 app.add_typer(dev_cluster_app, name="dev-cluster")
 app.add_typer(operator_app, name="operator")
+app.add_typer(node_agent_app, name="node-agent")
 app.command("extender")(extender_command)
 console = Console()
 

@@ -313,13 +313,29 @@ TOPOLOGY_SPEC = _obj(
     },
     ["gpu", "sockets"],
 )
+_DEVICE = _obj(
+    {
+        "index": _int(0),
+        "uuid": _str(),
+        "pciBusId": _str(),
+        "numaNode": _int(),
+        "memoryMiB": _int(0),
+        "healthy": {"type": "boolean"},
+        "reason": _str(description="Why the GPU is unhealthy, e.g. an XID."),
+    },
+    ["index", "uuid"],
+)
 TOPOLOGY_STATUS = _obj(
     {
         "gpuCount": _int(0),
         "healthyGPUs": _str(description="GPU indices NVML reports healthy, e.g. 0,1,2,3."),
+        "devices": {"type": "array", "items": _DEVICE},
         "driverVersion": _str(),
+        "cudaVersion": _str(),
+        "preset": _str(description="The bundled preset the discovered topology matches."),
+        "topologyClass": _str(enum=["nvlink-rack", "nvswitch", "nvlink", "pcie"]),
         "source": _str(enum=["nvml", "fixture"]),
-        "observedAt": _str(format="date-time"),
+        "observedAt": _str(format="date-time", description="The node agent's last heartbeat."),
     }
 )
 
@@ -434,8 +450,11 @@ def custom_resource_definitions() -> list[dict[str, Any]]:
         [
             _column("GPUs", ".status.gpuCount", "integer"),
             _column("Model", ".spec.gpu.model"),
-            _column("Preset", ".spec.name"),
-            _column("Source", ".status.source"),
+            _column("Preset", ".status.preset"),
+            _column("Class", ".status.topologyClass"),
+            _column("Healthy", ".status.healthyGPUs"),
+            _column("Source", ".status.source", priority=1),
+            _column("Heartbeat", ".status.observedAt", "date", priority=1),
             _AGE,
         ],
         {"status": {}},

@@ -151,12 +151,17 @@ class NodeTopology:
         return Link(self.nvlink_lanes(a, b), self.pcie_level(a, b))
 
     def pcie_level(self, a: int, b: int) -> PcieLevel:
-        up_a = self.ancestors(("gpu", a))[1:]
-        up_b = set(self.ancestors(("gpu", b))[1:])
+        return self.pcie_path(("gpu", a), ("gpu", b))
+
+    def pcie_path(self, a: Vertex, b: Vertex) -> PcieLevel:
+        """The PCIe path class between two devices (GPUs or NICs), as ``nvidia-smi topo -m``
+        names it."""
+        up_a = self.ancestors(a)[1:]
+        up_b = set(self.ancestors(b)[1:])
         common = next(v for v in up_a if v in up_b)
         kind = common[0]
         if kind == "switch":
-            direct = up_a[0] == common and self.graph.nodes[("gpu", b)]["parent"] == common
+            direct = up_a[0] == common and self.graph.nodes[b]["parent"] == common
             return PcieLevel.PIX if direct else PcieLevel.PXB
         if kind == "host_bridge":
             return PcieLevel.PHB

@@ -1,0 +1,108 @@
+"""Discovery backends: the small interface the agent needs, and the fake that serves presets.
+
+The NVML backend lives in :mod:`tidal.node_agent.nvml`; both return :class:`NodeFacts`, so the
+rest of the agent (publishing, device plugin, standalone launcher) never knows which one ran.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import yaml
+
+from tidal.node_agent.facts import DiscoveryError, NodeFacts, facts_from_topology, fake_facts
+from tidal.topology import TopologyError, build_topology
+
+
+@dataclass(frozen=True)
+class GpuSample:
+    """One GPU's state at one moment, for health and metrics."""
+
+    index: int
+    healthy: bool
+    reason: str = ""  # why it is unhealthy, e.g. "XID 79 (GPU has fallen off the bus)"
+    utilization: float = 0.0  # 0..1, share of the last sample period a kernel ran
+    memory_used_mib: int = 0
+    temperature_c: float | None = None
+    power_w: float | None = None
+
+
+class GpuBackend(Protocol):
+    def facts(self) -> NodeFacts: ...
+
+    def sample(self) -> list[GpuSample]: ...
+
+    def close(self) -> None: ...
+
+
+class FakeBackend:
+    """Serves a preset or a fixture topology as if NVML had discovered it. Health can be flipped
+    (tests, demos) with :meth:`set_health`; utilization is always zero."""
+
+    def __init__(self, facts: NodeFacts) -> None:
+        self._facts = facts
+        self._lock = threading.Lock()
+        self._unhealthy: dict[int, str] = {}
+
+    def facts(self) -> NodeFacts:
+        return self._facts
+
+    def set_health(self, index: int, healthy: bool, reason: str = "") -> None:
+        if not 0 <= index < len(self._facts.gpus):
+            raise IndexError(f"no GPU {index} on this node")
+        with self._lock:
+            if healthy:
+                self._unhealthy.pop(index, None)
+            else:
+                self._unhealthy[index] = reason or "marked unhealthy"
+
+    def sample(self) -> list[GpuSample]:
+        with self._lock:
+            unhealthy = dict(self._unhealthy)
+        return [
+            GpuSample(g.index, g.index not in unhealthy, unhealthy.get(g.index, ""))
+            for g in self._facts.gpus
+        ]
+
+    def close(self) -> None:
+        return None
+
+
+def open_backend(node: str, fake: str | None = None, fixture: Path | None = None) -> GpuBackend:
+    """The fake backend for a preset name or a topology fixture file, else NVML."""
+    if fake and fixture:
+        raise DiscoveryError("give --fake PRESET or --fixture FILE, not both")
+    if fake:
+        try:
+            return FakeBackend(fake_facts(fake, node))
+        except TopologyError as error:
+            raise DiscoveryError(f"--fake: {error}") from None
+    if fixture:
+        return FakeBackend(load_fixture(fixture, node))
+    from tidal.node_agent.nvml import NvmlBackend  # noqa: PLC0415 (needs the NVIDIA driver)
+
+    return NvmlBackend()
+
+
+def load_fixture(path: Path, node: str) -> NodeFacts:
+    """Facts from a topology file in the preset schema (what `discover` prints as spec)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise DiscoveryError(f"--fixture {path}: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise DiscoveryError(f"--fixture {path}: not valid YAML: {error}") from None
+    if isinstance(data, dict) and data.get("kind") == "GPUTopology":
+        data = data.get("spec")  # what `tidal node-agent discover` prints
+    if not isinstance(data, dict):
+        raise DiscoveryError(f"--fixture {path}: expected a topology mapping or a GPUTopology")
+    try:
+        topology = build_topology(data, source=str(path))
+    except TopologyError as error:
+        raise DiscoveryError(str(error)) from None
+    return facts_from_topology(topology, node)

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 from tidal.devcluster.nodes import gpu_node
+from tidal.node_agent.facts import fake_facts
+from tidal.node_agent.publish import Discovery, gpu_topology
 from tidal.scheduler_extender.cache import ClusterCache
 from tidal.scheduler_extender.extender import ApiError, Extender, ExtenderSettings
 from tidal.scheduler_extender.wire import (
@@ -328,3 +330,45 @@ def test_reservations_expire_and_their_annotation_is_cleared(cluster: Any) -> No
     expired = extender.expire_reservations()
     assert [r.preemptor for r in expired] == ["uid-tp4"]
     assert "tidal.dev/reservation" not in fake.pods["tp4"]["metadata"]["annotations"]
+
+
+def published(node: str, preset: str) -> dict[str, Any]:
+    """The GPUTopology a node agent in fake mode publishes for ``node``."""
+    return gpu_topology(Discovery.of(node, fake_facts(preset, node)), node_uid="u")
+
+
+def test_a_published_gputopology_is_the_nodes_topology() -> None:
+    cache = ClusterCache()
+    bare = gpu_node("agent-node", "dgx1-v100")
+    del bare["metadata"]["labels"]["tidal.dev/topology-preset"]
+    cache.replace("nodes", [bare])
+    assert "no GPUTopology object" in cache.node_problems["agent-node"]
+    cache.replace("gputopologies", [published("agent-node", "dgx1-v100")])
+    assert "agent-node" not in cache.node_problems
+    shape = cache.snapshot.nodes["agent-node"].info.shape
+    assert shape.link_names[0][3] == "NV2"
+    # a heartbeat (same spec) keeps the compiled shape; shapes are shared between nodes
+    cache.apply("gputopologies", "MODIFIED", published("agent-node", "dgx1-v100"))
+    assert cache.snapshot.nodes["agent-node"].info.shape is shape
+    # the published topology wins over the preset label
+    labelled = gpu_node("labelled", "pcie-8x-l40s")
+    cache.apply("nodes", "ADDED", labelled)
+    cache.apply("gputopologies", "ADDED", published("labelled", "dgx-h100"))
+    assert cache.snapshot.nodes["labelled"].info.shape.link_names[0][7] == "NV18"
+    cache.apply("gputopologies", "DELETED", published("labelled", "dgx-h100"))
+    assert cache.snapshot.nodes["labelled"].info.shape.link_names[0][7] == "SYS"
+
+
+def test_a_broken_gputopology_is_ignored_and_pods_survive_a_topology_change() -> None:
+    cache = ClusterCache()
+    cache.replace("nodes", [gpu_node("n", "dgx1-v100")])
+    cache.upsert_pod(pod("w", 4, node="n", held=[0, 1, 2, 3]))
+    broken = published("n", "dgx-h100")
+    broken["spec"]["sockets"] = []
+    cache.upsert_topology(broken)
+    assert cache.snapshot.nodes["n"].info.shape.link_names[0][7] == "SYS"  # unchanged
+    cache.upsert_topology(published("n", "dgx-h100"))
+    state = cache.snapshot.nodes["n"]
+    assert state.info.shape.link_names[0][7] == "NV18"
+    assert [p.uid for p in state.pods] == ["uid-w"]
+    assert state.used == 0b1111

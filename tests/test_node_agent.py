@@ -35,7 +35,8 @@ from tidal.node_agent.deviceplugin.server import (
 )
 from tidal.node_agent.deviceplugin.v1beta1 import api_pb2 as api
 from tidal.node_agent.deviceplugin.v1beta1 import api_pb2_grpc as rpc
-from tidal.node_agent.facts import fake_facts, matching_preset, topology_spec
+from tidal.node_agent.facts import DiscoveryError, fake_facts, matching_preset, topology_spec
+from tidal.node_agent.nvml import NvmlBackend
 from tidal.node_agent.publish import Discovery, gpu_topology, label_value, topology_status
 from tidal.node_agent.standalone import (
     PlacementError,
@@ -45,6 +46,8 @@ from tidal.node_agent.standalone import (
     place,
 )
 from tidal.topology import Tier, build_topology, compile_shape, load_preset, preset_names
+
+from .nvml_emulation import EmulatedNvml, write_sysfs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -465,3 +468,52 @@ def test_standalone_cli_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 0, stderr
     assert "chat-0" in stderr  # the placement table
+
+
+# -- the NVML backend, against an emulated pynvml and /sys -----------------------------------
+
+
+def nvml_backend(preset: str, sysfs: Path) -> tuple[NvmlBackend, EmulatedNvml]:
+    facts = fake_facts(preset, "real")
+    write_sysfs(sysfs, load_preset(preset), facts)
+    nvml = EmulatedNvml(facts)
+    return NvmlBackend(nvml=nvml, sysfs=sysfs), nvml  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_nvml_discovery_rebuilds_the_machine(preset: str, tmp_path: Path) -> None:
+    backend, _ = nvml_backend(preset, tmp_path)
+    facts = backend.facts()
+    assert facts.source == "nvml"
+    assert (facts.driver_version, facts.cuda_version) == ("560.35.03", "12.6")
+    assert facts.gpus[0].name == load_preset(preset).gpu_model  # bytes from NVML decoded
+    expected = fake_facts(preset, "real")
+    assert [(n.name, n.numa_node, n.pcie) for n in facts.nics] == [
+        (n.name, n.numa_node, n.pcie) for n in expected.nics
+    ]  # NIC path classes from sysfs ancestry, as nvidia-smi topo -m shows them
+    assert [g.behind_switch for g in facts.gpus] == [g.behind_switch for g in expected.gpus]
+    rebuilt = build_topology(topology_spec(facts, "discovered"), "nvml")
+    topology = load_preset(preset)
+    # the rack domain comes from the fabric manager, which the emulation does not run
+    if topology.rack_domain is None:
+        same_topology(topology, rebuilt)
+        assert matching_preset(rebuilt) == preset
+    assert compile_shape(rebuilt).link_names == compile_shape(topology).link_names
+
+
+def test_nvml_xid_marks_a_gpu_unhealthy_but_not_application_errors(tmp_path: Path) -> None:
+    backend, nvml = nvml_backend("dgx-h100", tmp_path)
+    assert all(s.healthy for s in backend.sample())
+    nvml.xid(2, 13)  # graphics engine exception: the application's fault
+    assert all(s.healthy for s in backend.sample())
+    nvml.xid(5, 79)
+    samples = backend.sample()
+    assert [s.index for s in samples if not s.healthy] == [5]
+    assert samples[5].reason == "XID 79 (GPU has fallen off the bus)"
+    assert samples[1].utilization == 0.25 and samples[1].memory_used_mib == 2048
+
+
+def test_nvml_without_a_driver_says_what_to_do(tmp_path: Path) -> None:
+    nvml = EmulatedNvml(fake_facts("single-gpu", "x"), driver_loaded=False)
+    with pytest.raises(DiscoveryError, match=r"Driver Not Loaded.*--fake PRESET"):
+        NvmlBackend(nvml=nvml, sysfs=tmp_path)  # type: ignore[arg-type]

@@ -28,7 +28,9 @@ from tidal.scheduler_extender.translate import (
     pod_gpus,
     pod_info,
     pod_key,
+    topology_shape,
 )
+from tidal.topology import NodeShape
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ class ClusterCache:
         self._orphans: dict[str, dict[str, dict[str, Any]]] = {}  # node -> UID -> pod
         self._assumed: dict[str, int] = {}  # UID -> GPU mask chosen at bind, until the watch says
         self._pdbs: dict[str, Pdb] = {}
+        self._raw_nodes: dict[str, dict[str, Any]] = {}
+        self._published: dict[str, NodeShape] = {}  # node -> shape from its GPUTopology
         self.synced: set[str] = set()
 
     # -- clock and reservations -------------------------------------------------------------
@@ -200,8 +204,9 @@ class ClusterCache:
     def upsert_node(self, node: dict[str, Any]) -> None:
         name = (node.get("metadata") or {}).get("name", "")
         with self.lock:
+            self._raw_nodes[name] = node
             try:
-                info = node_info(node)
+                info = node_info(node, self._published.get(name))
             except ObjectError as error:
                 self.node_problems[name] = str(error)
                 self._park_node_pods(name)
@@ -217,12 +222,38 @@ class ClusterCache:
 
     def delete_node(self, name: str) -> None:
         with self.lock:
+            self._raw_nodes.pop(name, None)
             self.node_problems.pop(name, None)
             self._park_node_pods(name)
 
     def _park_node_pods(self, name: str) -> None:
         for pod in self.snapshot.remove_node(name):
             self._orphans.setdefault(name, {})[pod.uid] = self._raw_bound[pod.uid]
+
+    # -- GPUTopology (published by the node agents) -----------------------------------------
+    def upsert_topology(self, obj: dict[str, Any]) -> None:
+        name = (obj.get("metadata") or {}).get("name", "")
+        with self.lock:
+            try:
+                shape = topology_shape(obj)
+            except ObjectError as error:
+                log.warning("ignoring GPUTopology: %s", error)
+                return
+            if self._published.get(name) is shape:
+                return  # a heartbeat: the spec did not change
+            self._published[name] = shape
+            self._refresh_node(name)
+
+    def delete_topology(self, name: str) -> None:
+        with self.lock:
+            if self._published.pop(name, None) is not None:
+                self._refresh_node(name)
+
+    def _refresh_node(self, name: str) -> None:
+        node = self._raw_nodes.get(name)
+        if node is None:
+            return
+        self.upsert_node(node)  # keeps the node's pods (set_node refuses a shape they exceed)
 
     # -- PodDisruptionBudgets ---------------------------------------------------------------
     def upsert_pdb(self, pdb: dict[str, Any]) -> None:
@@ -257,49 +288,63 @@ class ClusterCache:
             if (pod.get("metadata") or {}).get("namespace") == namespace:
                 self._upsert_bound(uid, pod["spec"]["nodeName"], pod)
 
-    # -- relists ----------------------------------------------------------------------------
+    # -- lists and watch events ------------------------------------------------------------
+    def _kinds(self) -> dict[str, _KindHandlers]:
+        return {
+            "nodes": _KindHandlers(
+                _name, lambda: set(self.snapshot.nodes) | set(self.node_problems),
+                self.upsert_node, self.delete_node,
+            ),
+            "pods": _KindHandlers(
+                _uid, lambda: set(self.pending) | set(self._raw_bound),
+                self.upsert_pod, self.delete_pod,
+            ),
+            "pdbs": _KindHandlers(
+                _namespaced_name, lambda: set(self._pdbs), self.upsert_pdb, self.delete_pdb
+            ),
+            "gputopologies": _KindHandlers(
+                _name, lambda: set(self._published), self.upsert_topology, self.delete_topology
+            ),
+        }  # fmt: skip
+
     def replace(self, kind: str, objects: Iterable[dict[str, Any]]) -> None:
         """Make the cache hold exactly ``objects`` of ``kind`` (after a list)."""
         objects = list(objects)
+        handlers = self._kinds().get(kind)
+        if handlers is None:
+            raise ValueError(f"unknown kind {kind!r}")
         with self.lock:
-            if kind == "nodes":
-                names = {o["metadata"]["name"] for o in objects}
-                for name in (set(self.snapshot.nodes) | set(self.node_problems)) - names:
-                    self.delete_node(name)
-                for node in objects:
-                    self.upsert_node(node)
-            elif kind == "pods":
-                uids = {o["metadata"]["uid"] for o in objects}
-                for uid in (set(self.pending) | set(self._raw_bound)) - uids:
-                    self.delete_pod(uid)
-                for pod in objects:
-                    self.upsert_pod(pod)
-            elif kind == "pdbs":
-                keys = {f"{o['metadata']['namespace']}/{o['metadata']['name']}" for o in objects}
-                for key in set(self._pdbs) - keys:
-                    self.delete_pdb(key)
-                for pdb in objects:
-                    self.upsert_pdb(pdb)
-            else:
-                raise ValueError(f"unknown kind {kind!r}")
+            for key in handlers.known() - {handlers.key(o) for o in objects}:
+                handlers.delete(key)
+            for obj in objects:
+                handlers.upsert(obj)
             self.synced.add(kind)
 
     def apply(self, kind: str, event_type: str, obj: dict[str, Any]) -> None:
         """One watch event."""
-        meta = obj.get("metadata") or {}
-        deleted = event_type == "DELETED"
-        if kind == "nodes":
-            if deleted:
-                self.delete_node(meta["name"])
-            else:
-                self.upsert_node(obj)
-        elif kind == "pods":
-            if deleted:
-                self.delete_pod(meta["uid"])
-            else:
-                self.upsert_pod(obj)
-        elif kind == "pdbs":
-            if deleted:
-                self.delete_pdb(f"{meta.get('namespace')}/{meta.get('name')}")
-            else:
-                self.upsert_pdb(obj)
+        handlers = self._kinds()[kind]
+        if event_type == "DELETED":
+            handlers.delete(handlers.key(obj))
+        else:
+            handlers.upsert(obj)
+
+
+@dataclass(frozen=True)
+class _KindHandlers:
+    key: Callable[[dict[str, Any]], str]
+    known: Callable[[], set[str]]
+    upsert: Callable[[dict[str, Any]], None]
+    delete: Callable[[str], None]
+
+
+def _name(obj: dict[str, Any]) -> str:
+    return str(obj["metadata"]["name"])
+
+
+def _uid(obj: dict[str, Any]) -> str:
+    return str(obj["metadata"]["uid"])
+
+
+def _namespaced_name(obj: dict[str, Any]) -> str:
+    meta = obj["metadata"]
+    return f"{meta.get('namespace')}/{meta.get('name')}"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import threading
 import time
@@ -147,6 +148,7 @@ class Reflector(threading.Thread):
         cache: ClusterCache,
         stop: threading.Event,
         watch_timeout_s: int = 300,
+        optional: bool = False,
     ) -> None:
         super().__init__(name=f"reflector-{kind}", daemon=True)
         self.kind = kind
@@ -154,6 +156,7 @@ class Reflector(threading.Thread):
         self.cache = cache
         self.stop_event = stop
         self.watch_timeout_s = watch_timeout_s
+        self.optional = optional  # a CRD that may not be installed: treat as empty, look again
 
     def run(self) -> None:
         backoff = 0.5
@@ -166,11 +169,20 @@ class Reflector(threading.Thread):
             except _WatchExpiredError:
                 log.info("%s watch expired; relisting", self.kind)
             except Exception as error:  # any failure: back off and relist
+                if self.optional and isinstance(error, ApiException) and error.status == 404:
+                    self._not_installed()
+                    continue
                 log.warning(
                     "%s reflector error: %s; relisting in %.1f s", self.kind, error, backoff
                 )
                 self.stop_event.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
+
+    def _not_installed(self) -> None:
+        if self.kind not in self.cache.synced:
+            log.info("%s: resource not installed; looking again every 30 s", self.kind)
+        self.cache.replace(self.kind, [])
+        self.stop_event.wait(30.0)
 
     def _list(self) -> str:
         response = self.list_call(_preload_content=False)
@@ -215,15 +227,23 @@ class _WatchExpiredError(Exception):
     pass
 
 
+SYNCED_KINDS = frozenset({"nodes", "pods", "pdbs", "gputopologies"})
+
+
 def start_reflectors(
     api: client.ApiClient, cache: ClusterCache, stop: threading.Event
 ) -> list[Reflector]:
     core = client.CoreV1Api(api)
     policy = client.PolicyV1Api(api)
+    custom = client.CustomObjectsApi(api)
+    list_topologies = functools.partial(
+        custom.list_cluster_custom_object, "tidal.dev", "v1alpha1", "gputopologies"
+    )
     reflectors = [
         Reflector("nodes", core.list_node, cache, stop),
         Reflector("pods", core.list_pod_for_all_namespaces, cache, stop),
         Reflector("pdbs", policy.list_pod_disruption_budget_for_all_namespaces, cache, stop),
+        Reflector("gputopologies", list_topologies, cache, stop, optional=True),
     ]
     for reflector in reflectors:
         reflector.start()
@@ -233,7 +253,7 @@ def start_reflectors(
 def wait_synced(cache: ClusterCache, timeout_s: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if {"nodes", "pods", "pdbs"} <= cache.synced:
+        if cache.synced >= SYNCED_KINDS:
             return True
         time.sleep(0.05)
     return False

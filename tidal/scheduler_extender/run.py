@@ -14,7 +14,12 @@ import uvicorn
 from tidal.kubeclient import api_client
 from tidal.scheduler_extender.cache import ClusterCache
 from tidal.scheduler_extender.extender import Extender, ExtenderSettings
-from tidal.scheduler_extender.kube import KubeActions, start_reflectors, wait_synced
+from tidal.scheduler_extender.kube import (
+    SYNCED_KINDS,
+    KubeActions,
+    start_reflectors,
+    wait_synced,
+)
 from tidal.scheduler_extender.server import create_app
 
 log = logging.getLogger(__name__)
@@ -70,7 +75,7 @@ def serve(options: ServeOptions) -> None:
             extender.expire_reservations()
 
     threading.Thread(target=housekeeping, name="housekeeping", daemon=True).start()
-    app = create_app(extender, ready=lambda: {"nodes", "pods", "pdbs"} <= cache.synced)
+    app = create_app(extender, ready=lambda: cache.synced >= SYNCED_KINDS)
     try:
         uvicorn.run(
             app,

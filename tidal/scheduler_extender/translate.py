@@ -3,8 +3,8 @@
 Annotations read here (prefix ``tidal.dev/``): ``gpus`` (GPU indices written at bind),
 ``topology-mode`` and ``topology-tier`` (the request; default best-effort at nvlink),
 ``reservation`` (a preemptor's plan, JSON), ``checkpoint-interval-seconds`` (lost-work model).
-Node topology comes from the node label ``tidal.dev/topology-preset`` until GPUTopology objects
-exist.
+Node topology comes from the node agent's GPUTopology object (named after the node), else from
+the node label ``tidal.dev/topology-preset``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,22 @@ import datetime as dt
 import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
+import orjson
+
 from tidal.placement import NodeInfo, PodInfo, PodRequest, Reservation, TopologyMode
-from tidal.topology import Tier, TopologyError, bits, mask_of, preset_shape
+from tidal.topology import (
+    NodeShape,
+    Tier,
+    TopologyError,
+    bits,
+    build_topology,
+    compile_shape,
+    mask_of,
+    preset_shape,
+)
 
 GPU_RESOURCE = "nvidia.com/gpu"
 PREFIX = "tidal.dev/"
@@ -208,24 +220,53 @@ def pod_info(pod: dict[str, Any], gpus: int) -> PodInfo:
     )
 
 
-def node_info(node: dict[str, Any]) -> NodeInfo:
-    """A Node with a known topology as the core's NodeInfo; ObjectError says what is missing."""
+def node_info(node: dict[str, Any], published: NodeShape | None = None) -> NodeInfo:
+    """A Node with a known topology as the core's NodeInfo; ObjectError says what is missing.
+    The topology is the node agent's GPUTopology (``published``) when there is one, else the
+    preset named by the node's ``tidal.dev/topology-preset`` label (nodes without an agent)."""
     meta = node.get("metadata") or {}
     name = meta.get("name", "?")
     labels = meta.get("labels") or {}
     preset = labels.get(PRESET_LABEL)
-    if preset is None:
+    if published is not None:
+        shape = published
+    elif preset is None:
         raise ObjectError(
-            "node", name, f"metadata.labels[{PRESET_LABEL}]", "no GPU topology known for the node"
+            "node",
+            name,
+            f"metadata.labels[{PRESET_LABEL}]",
+            "no GPU topology known for the node (no GPUTopology object, no preset label)",
         )
-    try:
-        shape = preset_shape(preset)
-    except TopologyError as error:
-        raise ObjectError("node", name, f"metadata.labels[{PRESET_LABEL}]", str(error)) from None
+    else:
+        try:
+            shape = preset_shape(preset)
+        except TopologyError as error:
+            field = f"metadata.labels[{PRESET_LABEL}]"
+            raise ObjectError("node", name, field, str(error)) from None
     allocatable = (node.get("status") or {}).get("allocatable") or {}
     cpu = quantity(allocatable.get("cpu", "0"), "status.allocatable.cpu", name)
     memory = quantity(allocatable.get("memory", "0"), "status.allocatable.memory", name)
     return NodeInfo(name, shape, int(cpu * 1000), int(memory / 2**20), labels=dict(labels))
+
+
+def topology_shape(obj: dict[str, Any]) -> NodeShape:
+    """The compiled shape of a GPUTopology object's spec (the preset schema). Nodes of one
+    model publish identical specs, so shapes are shared through a cache keyed by the spec."""
+    name = (obj.get("metadata") or {}).get("name", "?")
+    spec = obj.get("spec")
+    if not isinstance(spec, dict):
+        raise ObjectError("gputopology", name, "spec", "missing")
+    key = orjson.dumps(spec, option=orjson.OPT_SORT_KEYS)
+    try:
+        return _shape_of_spec(key)
+    except TopologyError as error:
+        raise ObjectError("gputopology", name, "spec", str(error)) from None
+
+
+@lru_cache(maxsize=256)
+def _shape_of_spec(key: bytes) -> NodeShape:
+    spec = orjson.loads(key)
+    return compile_shape(build_topology(spec, source=f"GPUTopology spec {spec.get('name', '')}"))
 
 
 @dataclass(frozen=True)

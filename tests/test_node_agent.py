@@ -9,7 +9,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,6 @@ from tidal.node_agent.deviceplugin.server import (
     PluginOptions,
 )
 from tidal.node_agent.deviceplugin.v1beta1 import api_pb2 as api
-from tidal.node_agent.deviceplugin.v1beta1 import api_pb2_grpc as rpc
 from tidal.node_agent.facts import DiscoveryError, fake_facts, matching_preset, topology_spec
 from tidal.node_agent.nvml import NvmlBackend
 from tidal.node_agent.publish import Discovery, gpu_topology, label_value, topology_status
@@ -47,6 +45,7 @@ from tidal.node_agent.standalone import (
 )
 from tidal.topology import Tier, build_topology, compile_shape, load_preset, preset_names
 
+from .kubelet_double import KubeletDouble
 from .nvml_emulation import EmulatedNvml, write_sysfs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,44 +188,6 @@ def test_container_env_fits_the_set() -> None:
 # -- the device plugin against a test kubelet ------------------------------------------------
 
 
-class TestKubelet(rpc.RegistrationServicer):
-    """The kubelet's Registration service on <dir>/kubelet.sock; records what registered."""
-
-    __test__ = False
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.requests: list[api.RegisterRequest] = []
-        self.registered = threading.Event()
-        self.server: grpc.Server | None = None
-
-    def Register(self, request: api.RegisterRequest, context: Any) -> api.Empty:
-        self.requests.append(request)
-        self.registered.set()
-        return api.Empty()
-
-    def start(self) -> None:
-        sock = self.directory / "kubelet.sock"
-        sock.unlink(missing_ok=True)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        rpc.add_RegistrationServicer_to_server(self, self.server)  # type: ignore[no-untyped-call]
-        self.server.add_insecure_port(f"unix://{sock}")
-        self.server.start()
-
-    def restart(self) -> None:
-        """What a kubelet restart does: stop, wipe every socket in the directory, serve again."""
-        assert self.server is not None
-        self.server.stop(0).wait()
-        for sock in self.directory.glob("*.sock"):
-            sock.unlink()
-        self.registered.clear()
-        self.start()
-
-    def plugin(self, endpoint: str) -> Any:
-        channel = grpc.insecure_channel(f"unix://{self.directory / endpoint}")
-        return rpc.DevicePluginStub(channel)  # type: ignore[no-untyped-call]
-
-
 class Pods:
     def __init__(self, waiting: list[Assignment]) -> None:
         self.items = waiting
@@ -236,10 +197,10 @@ class Pods:
 
 
 @pytest.fixture
-def kubelet() -> Iterator[tuple[TestKubelet, DevicePluginServer, GpuDevicePlugin, Pods]]:
+def kubelet() -> Iterator[tuple[KubeletDouble, DevicePluginServer, GpuDevicePlugin, Pods]]:
     # unix socket paths are limited to ~100 characters: pytest's tmp_path can be too long
     with tempfile.TemporaryDirectory(prefix="dp-") as directory:
-        test_kubelet = TestKubelet(Path(directory))
+        test_kubelet = KubeletDouble(Path(directory))
         test_kubelet.start()
         pods = Pods([pod("chat-0", (0, 1, 2, 3)), pod("batch-3", (6, 7))])
         plugin = GpuDevicePlugin(DGX1, pods)

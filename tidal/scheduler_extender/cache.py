@@ -244,6 +244,10 @@ class ClusterCache:
             self._published[name] = shape
             self._refresh_node(name)
 
+    def published_topologies(self) -> int:
+        with self.lock:
+            return len(self._published)
+
     def delete_topology(self, name: str) -> None:
         with self.lock:
             if self._published.pop(name, None) is not None:

@@ -411,4 +411,5 @@ class Extender:
                 "pods": len(snapshot.pods),
                 "pending": len(self.cache.pending),
                 "reservations": len(snapshot.reservations),
+                "topologies": self.cache.published_topologies(),
             }

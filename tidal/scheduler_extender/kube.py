@@ -180,9 +180,9 @@ class Reflector(threading.Thread):
 
     def _not_installed(self) -> None:
         if self.kind not in self.cache.synced:
-            log.info("%s: resource not installed; looking again every 30 s", self.kind)
+            log.info("%s: resource not installed; looking again every 5 s", self.kind)
         self.cache.replace(self.kind, [])
-        self.stop_event.wait(30.0)
+        self.stop_event.wait(5.0)
 
     def _list(self) -> str:
         response = self.list_call(_preload_content=False)

@@ -1,0 +1,334 @@
+"""Node agents on the real control plane: agents in fake mode publish GPUTopology objects for
+KWOK nodes that carry no topology label, the extender places pods by those objects, and the
+device plugin (against a kubelet double) hands a pod bound by the real kube-scheduler exactly
+the GPUs the extender wrote on it.
+
+Nodes: `agent-cube` serves the DGX-1V preset; `agent-odd` serves a fixture no preset matches:
+four GPUs whose NVLink pairs are {0,2} and {1,3} while the PCIe switches hold {0,1} and {2,3},
+so only a scheduler that read the published topology pairs them right.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from e2e.helpers import binaries_or_skip, wait_for
+from tests.kubelet_double import KubeletDouble
+from tidal.devcluster import ClusterOptions, LocalCluster
+from tidal.devcluster.binaries import Binaries
+from tidal.devcluster.nodes import gpu_node, gpu_pod
+from tidal.node_agent.deviceplugin.v1beta1 import api_pb2 as api
+from tidal.operator.kube import install
+
+GROUP, VERSION, PLURAL = "tidal.dev", "v1alpha1", "gputopologies"
+ODD_TOPOLOGY = {
+    "name": "crossed-pairs",
+    "gpu": {"model": "Test GPU", "memory_mib": 16384},
+    "sockets": [
+        {
+            "id": 0,
+            "numa_nodes": [
+                {
+                    "id": 0,
+                    "cpu_cores": 16,
+                    "host_bridges": [
+                        {
+                            "id": 0,
+                            "switches": [{"id": 0, "gpus": [0, 1]}, {"id": 1, "gpus": [2, 3]}],
+                        }
+                    ],
+                }
+            ],
+        }
+    ],
+    "nvlink": {"links": [[0, 2, 4], [1, 3, 4]]},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Agent:
+    node: str
+    args: list[str]
+    log: Path
+    plugin_dir: Path
+    metrics_port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, kubeconfig: Path) -> None:
+        command = [
+            sys.executable, "-m", "tidal", "node-agent", "run", "--node-name", self.node,
+            "--kubeconfig", str(kubeconfig), "--plugin-dir", str(self.plugin_dir),
+            "--metrics-port", str(self.metrics_port), "--heartbeat", "1",
+            "--health-interval", "0.2", *self.args,
+        ]  # fmt: skip
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def agent_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    local = LocalCluster(
+        ClusterOptions(
+            workdir=tmp_path_factory.mktemp("agent-cluster"),
+            controller_manager=True,
+            run_extender=True,
+        ),
+        binaries_or_skip(),
+    )
+    try:
+        local.start()
+        install(local.api_client())  # the CRDs, GPUTopology among them (the extender polls)
+        core = client.CoreV1Api(local.api_client())
+        for name, preset in (("agent-cube", "dgx1-v100"), ("agent-odd", "a100-pcie-nvlink-pairs")):
+            node = gpu_node(name, preset)
+            del node["metadata"]["labels"]["tidal.dev/topology-preset"]  # the agent tells
+            core.create_node(node)
+        local.wait_nodes_ready(["agent-cube", "agent-odd"])
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="module")
+def agents(agent_cluster: LocalCluster) -> Iterator[dict[str, tuple[Agent, KubeletDouble]]]:
+    fixture = agent_cluster.workdir / "crossed-pairs.yaml"
+    fixture.write_text(yaml.safe_dump(ODD_TOPOLOGY))
+    # unix socket paths must stay short: a directory under /tmp, not pytest's
+    with tempfile.TemporaryDirectory(prefix="tidal-dp-") as sockets:
+        started: dict[str, tuple[Agent, KubeletDouble]] = {}
+        for node, args in (
+            ("agent-cube", ["--fake", "dgx1-v100"]),
+            ("agent-odd", ["--fixture", str(fixture)]),
+        ):
+            plugin_dir = Path(sockets) / node
+            plugin_dir.mkdir()
+            kubelet = KubeletDouble(plugin_dir)
+            kubelet.start()
+            log = agent_cluster.log_dir / f"node-agent-{node}.log"
+            agent = Agent(node, args, log, plugin_dir, free_port())
+            agent.start(agent_cluster.kubeconfig)
+            started[node] = (agent, kubelet)
+        try:
+            yield started
+        finally:
+            for agent, kubelet in started.values():
+                agent.stop()
+                if kubelet.server is not None:
+                    kubelet.server.stop(0)
+
+
+@pytest.fixture
+def cluster(agent_cluster: LocalCluster) -> LocalCluster:
+    """Named `cluster` so a failure report carries the control-plane logs."""
+    return agent_cluster
+
+
+@pytest.fixture
+def core(cluster: LocalCluster) -> Any:
+    return client.CoreV1Api(cluster.api_client())
+
+
+@pytest.fixture
+def custom(cluster: LocalCluster) -> Any:
+    return client.CustomObjectsApi(cluster.api_client())
+
+
+@pytest.fixture
+def ns(core: Any) -> Iterator[str]:
+    name = f"agent-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name}})
+    yield name
+    core.delete_namespace(name)
+
+
+def topology(custom: Any, node: str) -> dict[str, Any] | None:
+    try:
+        obj: dict[str, Any] = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, node)
+        return obj
+    except client.ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+def published(custom: Any, node: str) -> dict[str, Any]:
+    return wait_for(
+        lambda: (obj := topology(custom, node)) and obj.get("status") and obj,
+        f"GPUTopology {node} with a status",
+        60,
+    )
+
+
+def bound(core: Any, ns: str, name: str) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        pod = core.read_namespaced_pod(name, ns)
+        annotations = pod.metadata.annotations or {}
+        return annotations if pod.spec.node_name and "tidal.dev/gpus" in annotations else None
+
+    result: dict[str, Any] = wait_for(probe, f"pod {ns}/{name} bound with tidal.dev/gpus", 60)
+    return result
+
+
+def test_agents_publish_gputopology_with_owner_labels_and_heartbeat(
+    agents: Any, core: Any, custom: Any, cluster: LocalCluster
+) -> None:
+    cube = published(custom, "agent-cube")
+    node = core.read_node("agent-cube")
+    assert cube["metadata"]["ownerReferences"][0]["uid"] == node.metadata.uid
+    assert cube["spec"]["name"] == "dgx1-v100"
+    assert cube["status"]["preset"] == "dgx1-v100"
+    assert cube["status"]["healthyGPUs"] == "0,1,2,3,4,5,6,7"
+    assert len(cube["status"]["devices"]) == 8
+    assert node.metadata.labels["tidal.dev/topology-class"] == "nvlink"
+    assert node.metadata.labels["tidal.dev/gpu-model"] == "Tesla-V100-SXM2-32GB"
+    odd = published(custom, "agent-odd")
+    assert "preset" not in odd["status"]  # no bundled preset matches the fixture
+    assert odd["spec"]["nvlink"] == ODD_TOPOLOGY["nvlink"]
+    first = cube["status"]["observedAt"]
+    wait_for(
+        lambda: published(custom, "agent-cube")["status"]["observedAt"] != first,
+        "a newer heartbeat",
+        15,
+    )
+    binaries = cluster.binaries
+    assert isinstance(binaries, Binaries)
+    table = subprocess.run(
+        [str(binaries.path("kubectl")), f"--kubeconfig={cluster.kubeconfig}", "get", "gputopo"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "agent-cube" in table and "dgx1-v100" in table and "agent-odd" in table
+    agent, _ = agents["agent-cube"]
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics").read()
+    assert b'tidal_gpu_healthy{gpu="7"} 1.0' in metrics
+
+
+def extender_knows_topologies(cluster: LocalCluster) -> int:
+    assert cluster.options.extender is not None
+    text = urllib.request.urlopen(f"{cluster.options.extender.url_prefix}/metrics").read().decode()
+    line = next(x for x in text.splitlines() if 'cache_objects{kind="topologies"}' in x)
+    return int(float(line.split()[-1]))
+
+
+def test_extender_places_by_the_published_topology(
+    agents: Any, core: Any, ns: str, cluster: LocalCluster
+) -> None:
+    # kube-scheduler retries an unschedulable pod on cluster events, not when the extender
+    # learns something: place pods once the extender has both topologies
+    wait_for(lambda: extender_knows_topologies(cluster) == 2, "the extender to read both", 60)
+    # four TP2 pods need NVLink pairs: on agent-odd those are {0,2} and {1,3} only
+    for i in range(2):
+        pod = gpu_pod(f"pair-{i}", 2, annotations={"tidal.dev/topology-mode": "guaranteed"})
+        pod["spec"]["nodeSelector"] = {"kubernetes.io/hostname": "agent-odd"}
+        core.create_namespaced_pod(ns, pod)
+    sets = {bound(core, ns, f"pair-{i}")["tidal.dev/gpus"] for i in range(2)}
+    assert sets == {"0,2", "1,3"}
+    quad = gpu_pod("quad", 4, annotations={"tidal.dev/topology-mode": "guaranteed"})
+    quad["spec"]["nodeSelector"] = {"kubernetes.io/hostname": "agent-cube"}
+    core.create_namespaced_pod(ns, quad)
+    assert bound(core, ns, "quad")["tidal.dev/gpus"] in ("0,1,2,3", "4,5,6,7")
+
+
+def test_device_plugin_hands_out_exactly_the_extenders_gpus(
+    agents: Any, core: Any, custom: Any, ns: str
+) -> None:
+    agent, kubelet = agents["agent-cube"]
+    wait_for(lambda: kubelet.requests, "the agent's device plugin to register", 60)
+    assert kubelet.requests[0].resource_name == "nvidia.com/gpu"
+    uuids = [d["uuid"] for d in published(custom, "agent-cube")["status"]["devices"]]
+    # a pod held Pending on its node (KWOK), as while the kubelet admits it
+    pod = gpu_pod("held", 2, annotations={"tidal.dev/kwok-hold": "true"})
+    pod["spec"]["nodeSelector"] = {"kubernetes.io/hostname": "agent-cube"}
+    core.create_namespaced_pod(ns, pod)
+    gpus = [int(g) for g in bound(core, ns, "held")["tidal.dev/gpus"].split(",")]
+    stub = kubelet.plugin("tidal-gpu.sock")
+    used = set(bits_of(core, "agent-cube")) - set(gpus)
+    available = [u for i, u in enumerate(uuids) if i not in used]
+    preferred = stub.GetPreferredAllocation(
+        api.PreferredAllocationRequest(
+            container_requests=[
+                api.ContainerPreferredAllocationRequest(
+                    available_deviceIDs=available, allocation_size=2
+                )
+            ]
+        ),
+        timeout=10,
+    )
+    assert list(preferred.container_responses[0].deviceIDs) == [uuids[g] for g in gpus]
+    other = [u for u in available if u not in {uuids[g] for g in gpus}][:2]
+    with pytest.raises(Exception) as refused:
+        stub.Allocate(
+            api.AllocateRequest(
+                container_requests=[api.ContainerAllocateRequest(devices_ids=other)]
+            ),
+            timeout=10,
+        )
+    assert f"{ns}/held was assigned GPUs [{','.join(map(str, gpus))}]" in str(refused.value)
+    response = stub.Allocate(
+        api.AllocateRequest(
+            container_requests=[api.ContainerAllocateRequest(devices_ids=[uuids[g] for g in gpus])]
+        ),
+        timeout=10,
+    )
+    env = response.container_responses[0].envs
+    assert env["TIDAL_GPU_IDS"] == ",".join(map(str, gpus))
+    assert env["CUDA_VISIBLE_DEVICES"] == ",".join(uuids[g] for g in gpus)
+
+
+def bits_of(core: Any, node: str) -> list[int]:
+    """GPUs held by the pods bound to ``node`` (their tidal.dev/gpus)."""
+    pods = core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}").items
+    held: list[int] = []
+    for pod in pods:
+        text = (pod.metadata.annotations or {}).get("tidal.dev/gpus")
+        if text and pod.status.phase in ("Pending", "Running"):
+            held += [int(g) for g in text.split(",")]
+    return held
+
+
+def test_agent_restart_keeps_one_object_and_node_deletion_removes_it(
+    agents: Any, core: Any, custom: Any, cluster: LocalCluster
+) -> None:
+    agent, _ = agents["agent-odd"]
+    before = published(custom, "agent-odd")
+    agent.stop()
+    agent.start(cluster.kubeconfig)
+    stamp = before["status"]["observedAt"]
+    after = wait_for(
+        lambda: (o := published(custom, "agent-odd"))["status"]["observedAt"] != stamp and o,
+        "the restarted agent's heartbeat",
+        60,
+    )
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+    assert after["spec"] == before["spec"]
+    names = [
+        o["metadata"]["name"]
+        for o in custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
+    ]
+    assert sorted(names) == ["agent-cube", "agent-odd"]
+    agent.stop()
+    core.delete_node("agent-odd")
+    wait_for(lambda: topology(custom, "agent-odd") is None, "the GPUTopology garbage-collected", 60)

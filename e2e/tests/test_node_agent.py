@@ -255,7 +255,7 @@ def test_extender_places_by_the_published_topology(
 def test_device_plugin_hands_out_exactly_the_extenders_gpus(
     agents: Any, core: Any, custom: Any, ns: str
 ) -> None:
-    agent, kubelet = agents["agent-cube"]
+    _, kubelet = agents["agent-cube"]
     wait_for(lambda: kubelet.requests, "the agent's device plugin to register", 60)
     assert kubelet.requests[0].resource_name == "nvidia.com/gpu"
     uuids = [d["uuid"] for d in published(custom, "agent-cube")["status"]["devices"]]

@@ -317,6 +317,9 @@ class Supervisor:
     def _terminate_all(self) -> None:
         """SIGTERM every process group, SIGKILL what is left after the grace period."""
         live = [w for w in self.workers if w.process is not None]
+        if live:
+            log.info("stopping %d workers (SIGTERM, SIGKILL after %.0f s)", len(live),
+                     self.spec.stop_grace_s)  # fmt: skip
         for worker in live:
             _signal_group(worker, signal.SIGTERM)
         deadline = time.monotonic() + self.spec.stop_grace_s
@@ -330,6 +333,7 @@ class Supervisor:
                 code = worker.process.wait()
             self._reap(worker, code)
             worker.finished = True
+            log.info("worker %s stopped (exit %d)", worker.slot.name, code)
 
 
 def _signal_group(worker: Running, sig: signal.Signals) -> None:

@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 $(BIN)/tidal: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,kernels]'
 	touch $@
 
 setup: $(BIN)/tidal
@@ -46,7 +46,7 @@ e2e-binaries:
 
 # Unit, integration and end-to-end tests; e2e needs the binaries, so a missing one fails here.
 unit: setup e2e-binaries
-	TIDAL_E2E=require $(BIN)/pytest
+	TIDAL_E2E=require TIDAL_KERNELS=require $(BIN)/pytest
 
 test: lint typecheck contracts unit
 

@@ -6,7 +6,11 @@ torch and triton are imported here; the rest of tidal does not need them.
 
 from tidal.inference_worker.kernels.attention import (
     KernelError,
+    Quantized,
+    attention_quantized,
     int8_attention,
+    quantize_inputs,
+    tops,
     triton_fp16_attention,
 )
 from tidal.inference_worker.kernels.launch import P_MODES, LaunchConfig, choose_launch
@@ -21,12 +25,16 @@ __all__ = [
     "P_MODES",
     "KernelError",
     "LaunchConfig",
+    "Quantized",
+    "attention_quantized",
     "choose_launch",
     "cosine_similarity",
     "int8_attention",
+    "quantize_inputs",
     "quantize_per_token",
     "quantize_v_per_channel",
     "reference_attention",
     "relative_l2",
+    "tops",
     "triton_fp16_attention",
 ]

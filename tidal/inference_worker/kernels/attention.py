@@ -21,6 +21,7 @@ through the diagonal block like every other block, which the paper's public kern
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -132,6 +133,73 @@ def _attention_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0915 (one fus
 # -- entry points -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Quantized:
+    """Attention operands after quantization: what the kernel reads."""
+
+    q: torch.Tensor  # int8 (B, Hq, N, D)
+    k: torch.Tensor  # int8 (B, Hkv, N_k, D)
+    v: torch.Tensor  # (B, Hkv, N_k, D) view: int8 (over Vᵀ storage), fp16 or fp8
+    q_scale: torch.Tensor  # per token, times sm_scale·log2(e)
+    k_scale: torch.Tensor  # per token
+    v_scale: torch.Tensor  # per channel (unused for fp16 P)
+    k_mean: torch.Tensor | None  # the smoothing mean, for the LSE correction
+    p_mode: str
+    sm_scale: float
+    dtype: torch.dtype  # the caller's dtype, for the output
+
+
+def quantize_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sm_scale: float | None = None,
+    p_mode: str = "int8_rowblock",
+    smooth_k: bool = True,
+) -> Quantized:
+    """Run the quantization kernels (the part of :func:`int8_attention` before attention)."""
+    _check(q, k, v, p_mode, None)
+    scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
+    mean = k.float().mean(dim=2, keepdim=True) if smooth_k else None
+    q8, q_scale = quantize_per_token(q, multiplier=scale * LOG2E)
+    k8, k_scale = quantize_per_token(k, mean=mean)
+    if p_mode == "fp16":
+        v_op, v_scale = v.to(torch.float16), k_scale  # v_scale unused by the kernel
+    elif p_mode == "fp8":
+        v_op, v_scale = _fp8_v_per_channel(v)
+    else:
+        vt, v_scale = quantize_v_per_channel(v)
+        v_op = vt.transpose(-1, -2)  # a (B, H, N, D) view of the (B, H, D, N) storage
+    return Quantized(q8, k8, v_op, q_scale, k_scale, v_scale, mean, p_mode, scale, q.dtype)
+
+
+def attention_quantized(
+    operands: Quantized,
+    causal: bool = False,
+    *,
+    return_lse: bool = False,
+    out: torch.Tensor | None = None,
+    config: LaunchConfig | None = None,
+    q: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention kernel alone on quantized operands (what the benchmark times as
+    "kernel only"). The LSE correction for smoothing needs the unquantized ``q``."""
+    x = operands
+    compute_dtype = _compute_dtype(x.q.device, x.dtype)
+    o, lse = _launch(x.q, x.k, x.v, x.q_scale, x.k_scale, x.v_scale, causal, x.p_mode, True,
+                     0.0, compute_dtype, out, return_lse, config)  # fmt: skip
+    o = o if out is not None else o.to(x.dtype)
+    if not return_lse:
+        return o, None
+    if x.k_mean is not None:  # smoothing shifted every score of a query row by q·mean·scale
+        if q is None:
+            raise KernelError("return_lse with smooth_k needs q for the correction")
+        group = q.shape[1] // x.k.shape[1]
+        mean = x.k_mean.repeat_interleave(group, dim=1)
+        lse = lse + (q.float() @ mean.transpose(-1, -2)).squeeze(-1) * x.sm_scale
+    return o, lse
+
+
 def int8_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -149,28 +217,11 @@ def int8_attention(
     k and v (B, Hkv, N_k, D), Hq a multiple of Hkv) with INT8 QKᵀ and P·V per ``p_mode``.
     Returns the output in q's dtype, and the log-sum-exp (B, Hq, N) in float32 when asked."""
     _check(q, k, v, p_mode, out)
-    scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
-    compute_dtype = _compute_dtype(q)
-    mean = k.float().mean(dim=2, keepdim=True) if smooth_k else None
-    q8, q_scale = quantize_per_token(q, multiplier=scale * LOG2E)
-    k8, k_scale = quantize_per_token(k, mean=mean)
-    if p_mode == "fp16":
-        v_op, v_scale = v.to(torch.float16), k_scale  # v_scale unused by the kernel
-    elif p_mode == "fp8":
-        v_op, v_scale = _fp8_v_per_channel(v)
-    else:
-        v_op, v_scale = quantize_v_per_channel(v)
-        v_op = v_op.transpose(-1, -2)  # a (B, H, N, D) view of the (B, H, D, N) storage
-    o, lse = _launch(q8, k8, v_op, q_scale, k_scale, v_scale, causal, p_mode, True,
-                     0.0, compute_dtype, out, return_lse, config)  # fmt: skip
-    o = o if out is not None else o.to(q.dtype)
-    if not return_lse:
-        return o
-    if mean is not None:  # smoothing shifted every score of a query row by q·mean·scale
-        group = q.shape[1] // k.shape[1]
-        shift = (q.float() @ mean.repeat_interleave(group, dim=1).transpose(-1, -2)).squeeze(-1)
-        lse = lse + shift * scale
-    return o, lse
+    operands = quantize_inputs(q, k, v, sm_scale, p_mode, smooth_k)
+    o, lse = attention_quantized(
+        operands, causal, return_lse=return_lse, out=out, config=config, q=q
+    )
+    return (o, lse) if lse is not None else o
 
 
 def triton_fp16_attention(
@@ -186,8 +237,9 @@ def triton_fp16_attention(
     scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
     half = [t.to(torch.float16) for t in (q, k, v)]
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
+    dtype = _compute_dtype(q.device, q.dtype)
     o, _ = _launch(half[0], half[1], half[2], dummy, dummy, dummy, causal, "fp16", False,
-                   scale * LOG2E, _compute_dtype(q), None, False, config)  # fmt: skip
+                   scale * LOG2E, dtype, None, False, config)  # fmt: skip
     return o.to(q.dtype)
 
 
@@ -236,11 +288,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The output dtype; the CPU interpreter computes bf16 as fp32 (its bf16 is unreliable)."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        return torch.float32
-    return q.dtype
+    return torch.float32 if device.type == "cpu" and dtype == torch.bfloat16 else dtype
 
 
 def _check(

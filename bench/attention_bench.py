@@ -36,6 +36,7 @@ from tidal.inference_worker.kernels import (
     int8_attention,
     quantize_inputs,
     tops,
+    triton_fp8_attention,
     triton_fp16_attention,
 )
 from tidal.inference_worker.kernels.launch import autotune_space
@@ -210,6 +211,9 @@ def measure(
     baseline = partial(triton_fp16_attention, qh, kh, vh, causal=shape.causal, config=config)
     record("triton-fp16", baseline, baseline())
     fp8_ok = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    if fp8_ok:
+        fp8 = partial(triton_fp8_attention, q, k, v, causal=shape.causal, config=config)
+        record("triton-fp8", fp8, fp8())
     for mode in P_MODES:
         if mode == "fp8" and not fp8_ok:
             continue

@@ -11,6 +11,7 @@ from tidal.inference_worker.kernels.attention import (
     int8_attention,
     quantize_inputs,
     tops,
+    triton_fp8_attention,
     triton_fp16_attention,
 )
 from tidal.inference_worker.kernels.launch import P_MODES, LaunchConfig, choose_launch
@@ -36,5 +37,6 @@ __all__ = [
     "reference_attention",
     "relative_l2",
     "tops",
+    "triton_fp8_attention",
     "triton_fp16_attention",
 ]

@@ -40,7 +40,27 @@ class KernelError(ValueError):
 
 
 @triton.jit
-def _attention_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0915 (one fused kernel)
+def _probabilities_times_v(p, v, P_MODE: tl.constexpr):  # type: ignore[no-untyped-def]
+    """P (BLOCK_M x BLOCK_N, values in [0, 1]) times the V tile, in fp32. P_MODE is a
+    constexpr: one branch is compiled."""
+    if P_MODE == 0:  # int8, one scale per row per key block
+        p_scale = tl.maximum(tl.max(p, axis=1), 1e-30) / 127.0
+        p8 = (p / p_scale[:, None] + 0.5).to(tl.int8)
+        pv = tl.dot(p8, v, out_dtype=tl.int32).to(tl.float32) * p_scale[:, None]
+    elif P_MODE == 1:  # int8, the paper's fixed 1/127
+        p8 = (p * 127.0 + 0.5).to(tl.int8)
+        pv = tl.dot(p8, v, out_dtype=tl.int32).to(tl.float32) * (1.0 / 127.0)
+    elif P_MODE == 2:  # fp16
+        pv = tl.dot(p.to(tl.float16), v)
+    else:  # fp8 e4m3, one scale per row per key block
+        p_scale = tl.maximum(tl.max(p, axis=1), 1e-30) / 448.0
+        p8 = (p / p_scale[:, None]).to(tl.float8e4nv)
+        pv = tl.dot(p8, v) * p_scale[:, None]
+    return pv
+
+
+@triton.jit
+def _attention_kernel(  # type: ignore[no-untyped-def]
     q_ptr, k_ptr, v_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -48,7 +68,7 @@ def _attention_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0915 (one fus
     stride_ob, stride_oh, stride_on, stride_od,
     q_heads, kv_heads, group, seq_q, seq_k, qk_multiplier,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    QK_INT8: tl.constexpr, P_MODE: tl.constexpr, STORE_LSE: tl.constexpr,
+    QK_MODE: tl.constexpr, P_MODE: tl.constexpr, STORE_LSE: tl.constexpr,
 ):  # fmt: skip
     block, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // q_heads, bh % q_heads
@@ -63,7 +83,7 @@ def _attention_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0915 (one fus
         + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
         mask=rows_in[:, None], other=0,
     )  # fmt: skip
-    if QK_INT8:
+    if QK_MODE != 1:  # scaled 8-bit Q (int8 or fp8): one scale per token
         q_scale = tl.load(q_scale_ptr + bh * seq_q + offs_m, mask=rows_in, other=0.0)
     k_base = k_ptr + b * stride_kb + (h // group) * stride_kh
     v_base = v_ptr + b * stride_vb + (h // group) * stride_vh
@@ -81,12 +101,15 @@ def _attention_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0915 (one fus
             k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
             mask=cols_in[:, None], other=0,
         )  # fmt: skip
-        if QK_INT8:
+        if QK_MODE == 0:  # int8
             k_scale = tl.load(k_scale_ptr + kv * seq_k + cols, mask=cols_in, other=0.0)
             s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
             s = s * q_scale[:, None] * k_scale[None, :]
-        else:
+        elif QK_MODE == 1:  # fp16
             s = tl.dot(q, tl.trans(k)) * qk_multiplier
+        else:  # fp8 e4m3 (the FP8 baseline)
+            k_scale = tl.load(k_scale_ptr + kv * seq_k + cols, mask=cols_in, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * q_scale[:, None] * k_scale[None, :]
         visible = cols_in[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] <= offs_m[:, None])
@@ -101,19 +124,7 @@ def _attention_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0915 (one fus
             v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
             mask=cols_in[:, None], other=0,
         )  # fmt: skip
-        if P_MODE == 0:  # int8, one scale per row per key block
-            p_scale = tl.maximum(tl.max(p, axis=1), 1e-30) / 127.0
-            p8 = (p / p_scale[:, None] + 0.5).to(tl.int8)
-            pv = tl.dot(p8, v, out_dtype=tl.int32).to(tl.float32) * p_scale[:, None]
-        elif P_MODE == 1:  # int8, the paper's fixed 1/127
-            p8 = (p * 127.0 + 0.5).to(tl.int8)
-            pv = tl.dot(p8, v, out_dtype=tl.int32).to(tl.float32) * (1.0 / 127.0)
-        elif P_MODE == 2:  # fp16
-            pv = tl.dot(p.to(tl.float16), v)
-        else:  # fp8 e4m3, one scale per row per key block
-            p_scale = tl.maximum(tl.max(p, axis=1), 1e-30) / 448.0
-            p8 = (p / p_scale[:, None]).to(tl.float8e4nv)
-            pv = tl.dot(p8, v) * p_scale[:, None]
+        pv = _probabilities_times_v(p, v, P_MODE)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
@@ -186,7 +197,7 @@ def attention_quantized(
     "kernel only"). The LSE correction for smoothing needs the unquantized ``q``."""
     x = operands
     compute_dtype = _compute_dtype(x.q.device, x.dtype)
-    o, lse = _launch(x.q, x.k, x.v, x.q_scale, x.k_scale, x.v_scale, causal, x.p_mode, True,
+    o, lse = _launch(x.q, x.k, x.v, x.q_scale, x.k_scale, x.v_scale, causal, x.p_mode, 0,
                      0.0, compute_dtype, out, return_lse, config)  # fmt: skip
     o = o if out is not None else o.to(x.dtype)
     if not return_lse:
@@ -238,15 +249,41 @@ def triton_fp16_attention(
     half = [t.to(torch.float16) for t in (q, k, v)]
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     dtype = _compute_dtype(q.device, q.dtype)
-    o, _ = _launch(half[0], half[1], half[2], dummy, dummy, dummy, causal, "fp16", False,
+    o, _ = _launch(half[0], half[1], half[2], dummy, dummy, dummy, causal, "fp16", 1,
                    scale * LOG2E, dtype, None, False, config)  # fmt: skip
     return o.to(q.dtype)
+
+
+def triton_fp8_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    sm_scale: float | None = None,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """The FP8 baseline: Q and K in float8 e4m3 with per-token scales, P and V in e4m3 (the
+    ``fp8`` P mode). Ada/Hopper GPUs only."""
+    _check(q, k, v, "fp8", None)
+    scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
+    q8, q_scale = _fp8_per_token(q, scale * LOG2E)
+    k8, k_scale = _fp8_per_token(k, 1.0)
+    v8, v_scale = _fp8_v_per_channel(v)
+    o, _ = _launch(q8, k8, v8, q_scale, k_scale, v_scale, causal, "fp8", 2, 0.0, q.dtype,
+                   None, False, config)  # fmt: skip
+    return o
+
+
+def _fp8_per_token(x: torch.Tensor, multiplier: float) -> tuple[torch.Tensor, torch.Tensor]:
+    scales = x.float().abs().amax(dim=-1).clamp_min(1e-12) / _FP8_MAX
+    x8 = (x.float() / scales[..., None]).to(torch.float8_e4m3fn)
+    return x8, (scales * multiplier).contiguous()
 
 
 def _launch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q_scale: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
-    causal: bool, p_mode: str, qk_int8: bool, qk_multiplier: float,
+    causal: bool, p_mode: str, qk_mode: int, qk_multiplier: float,
     compute_dtype: torch.dtype, out: torch.Tensor | None, return_lse: bool,
     config: LaunchConfig | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -262,7 +299,7 @@ def _launch(
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         q_heads, kv_heads, q_heads // kv_heads, seq_q, seq_k, qk_multiplier,
         D=dim, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, CAUSAL=causal,
-        QK_INT8=qk_int8, P_MODE=_MODE_IDS[p_mode], STORE_LSE=return_lse,
+        QK_MODE=qk_mode, P_MODE=_MODE_IDS[p_mode], STORE_LSE=return_lse,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     if out is not None and target is None:

@@ -5,12 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from typer.testing import CliRunner
 
+from tidal.cli import app
 from tidal.devcluster.certs import make_pki
-from tidal.devcluster.cluster import ClusterOptions, ExtenderConfig, scheduler_config
+from tidal.devcluster.cluster import ClusterOptions, scheduler_config
 from tidal.devcluster.nodes import KWOK_ANNOTATION, PRESET_LABEL, gpu_node, node_names
+from tidal.scheduler_extender.schedconfig import ExtenderConfig
 
 
 def test_gpu_node_has_preset_capacity_and_kwok_annotation() -> None:
@@ -63,3 +67,27 @@ def test_pki_chains_to_its_ca_with_admin_in_system_masters(tmp_path: Path) -> No
     sans = serving.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "localhost" in sans.get_values_for_type(x509.DNSName)
     assert pki.admin_key.stat().st_mode & 0o077 == 0
+
+
+def test_scheduler_config_command_prints_tls_and_rejects_bad_urls() -> None:
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        ["scheduler-config", "--extender-url", "https://tidal-extender.tidal:8888",
+         "--ca-file", "/etc/tidal/ca.crt", "--leader-elect"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load(result.output)
+    extender = config["extenders"][0]
+    assert extender["enableHTTPS"] is True
+    assert extender["tlsConfig"] == {"caFile": "/etc/tidal/ca.crt"}
+    assert extender["managedResources"] == [{"name": "nvidia.com/gpu", "ignoredByScheduler": False}]
+    assert config["percentageOfNodesToScore"] == 100
+    assert "kubeconfig" not in config["clientConnection"]  # in-cluster
+    assert config["leaderElection"]["resourceName"] == "tidal-scheduler"
+    bad = runner.invoke(app, ["scheduler-config", "--extender-url", "tidal:8888"])
+    assert bad.exit_code == 2 and "must start with http:// or https://" in bad.output
+    mixed = runner.invoke(
+        app, ["scheduler-config", "--extender-url", "http://x:1", "--ca-file", "/ca.crt"]
+    )
+    assert mixed.exit_code == 2 and "only applies to an https://" in mixed.output

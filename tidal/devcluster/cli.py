@@ -14,12 +14,12 @@ from tidal.devcluster.binaries import DevClusterError, build, default_binaries, 
 from tidal.devcluster.cluster import (
     STATE_FILE,
     ClusterOptions,
-    ExtenderConfig,
     LocalCluster,
     node_ready,
 )
 from tidal.devcluster.nodes import node_names
 from tidal.devcluster.process import http_ok, insecure_tls
+from tidal.scheduler_extender.schedconfig import ExtenderConfig
 from tidal.topology import preset_names
 
 app = typer.Typer(

@@ -20,8 +20,11 @@ from tidal.devcluster.binaries import Binaries, DevClusterError, find_binaries
 from tidal.devcluster.certs import Pki, make_pki
 from tidal.devcluster.nodes import KWOK_SELECTOR, gpu_node
 from tidal.devcluster.process import Component, free_port, http_ok, insecure_tls, tail
+from tidal.scheduler_extender.schedconfig import (
+    ExtenderConfig,
+    scheduler_configuration,
+)
 
-SCHEDULER_NAME = "tidal-scheduler"
 STAGES_FILE = Path(__file__).with_name("kwok-stages.yaml")
 STATE_FILE = "state.json"
 SERVICE_CIDR = "10.96.0.0/16"
@@ -45,35 +48,6 @@ def node_ready(node: Any) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in conditions)
 
 
-@dataclass(frozen=True)
-class ExtenderConfig:
-    """How kube-scheduler reaches tidal's extender (KubeSchedulerConfiguration `extenders`)."""
-
-    url_prefix: str
-    preempt: bool = True
-    bind: bool = True
-    node_cache_capable: bool = True
-    timeout_s: float = 5.0
-
-    def as_config(self) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "urlPrefix": self.url_prefix,
-            "filterVerb": "filter",
-            "prioritizeVerb": "prioritize",
-            "weight": 5,
-            "nodeCacheCapable": self.node_cache_capable,
-            "enableHTTPS": self.url_prefix.startswith("https"),
-            "httpTimeout": f"{self.timeout_s}s",
-            "managedResources": [{"name": "nvidia.com/gpu", "ignoredByScheduler": False}],
-            "ignorable": False,
-        }
-        if self.preempt:
-            entry["preemptVerb"] = "preempt"
-        if self.bind:
-            entry["bindVerb"] = "bind"
-        return entry
-
-
 @dataclass
 class ClusterOptions:
     workdir: Path | None = None  # a fresh temporary directory when None
@@ -81,26 +55,15 @@ class ClusterOptions:
     extender: ExtenderConfig | None = None  # an extender running elsewhere
     run_extender: bool = False  # run `tidal extender` as a component and point the scheduler at it
     run_operator: bool = False  # run `tidal operator run --install-crds` as a component
+    extender_tls: bool = False  # serve the extender over HTTPS (the apiserver's certificate)
     scheduler_qps: int = 5000  # client-go's 50/100 defaults cap scheduling throughput
     startup_timeout_s: float = 90.0
 
 
 def scheduler_config(kubeconfig: Path, options: ClusterOptions) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "apiVersion": "kubescheduler.config.k8s.io/v1",
-        "kind": "KubeSchedulerConfiguration",
-        "clientConnection": {
-            "kubeconfig": str(kubeconfig),
-            "qps": options.scheduler_qps,
-            "burst": options.scheduler_qps * 2,
-        },
-        "leaderElection": {"leaderElect": False},
-        "percentageOfNodesToScore": 100,
-        "profiles": [{"schedulerName": "default-scheduler"}, {"schedulerName": SCHEDULER_NAME}],
-    }
-    if options.extender is not None:
-        config["extenders"] = [options.extender.as_config()]
-    return config
+    return scheduler_configuration(
+        options.extender, kubeconfig=str(kubeconfig), qps=options.scheduler_qps
+    )
 
 
 def kubeconfig_for(server: str, pki: Pki) -> dict[str, Any]:
@@ -168,8 +131,10 @@ class LocalCluster:
         names = ("etcd", "peer", "apiserver", "kcm", "sched", "kwok", "extender", "operator")
         ports = {name: free_port() for name in names}
         if self.options.run_extender:
-            url = f"http://127.0.0.1:{ports['extender']}"
-            self.options = replace(self.options, extender=ExtenderConfig(url))
+            scheme = "https" if self.options.extender_tls else "http"
+            url = f"{scheme}://127.0.0.1:{ports['extender']}"
+            ca = str(pki.ca_cert) if self.options.extender_tls else None
+            self.options = replace(self.options, extender=ExtenderConfig(url, ca_file=ca))
         server = f"https://127.0.0.1:{ports['apiserver']}"
         self.kubeconfig.write_text(yaml.safe_dump(kubeconfig_for(server, pki)))
         sched_config = self.workdir / "scheduler-config.yaml"
@@ -389,6 +354,7 @@ class LocalCluster:
                 lambda: http_ok(f"{server}/readyz", api_tls),
             ),
         ]
+        extender_url = self.options.extender.url_prefix if self.options.extender else ""
         if self.options.run_extender:
             components.append(
                 Component(
@@ -400,9 +366,17 @@ class LocalCluster:
                         "extender",
                         f"--kubeconfig={kubeconfig}",
                         f"--port={ports['extender']}",
+                        # the apiserver's serving pair is valid for 127.0.0.1 too
+                        *(
+                            [f"--tls-cert={pki.serving_cert}", f"--tls-key={pki.serving_key}"]
+                            if self.options.extender_tls
+                            else []
+                        ),
                     ],
                     log / "tidal-extender.log",
-                    lambda: http_ok(f"http://127.0.0.1:{ports['extender']}/readyz"),
+                    lambda: http_ok(
+                        f"{extender_url}/readyz", api_tls if self.options.extender_tls else None
+                    ),
                 )
             )
         if self.options.controller_manager:

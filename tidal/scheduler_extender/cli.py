@@ -75,3 +75,37 @@ def extender_command(
             log_format=log_format,
         )
     )
+
+
+def scheduler_config_command(
+    extender_url: Annotated[
+        str,
+        typer.Option(help="Where kube-scheduler reaches the extender, e.g. https://tidal:8888."),
+    ],
+    ca_file: Annotated[
+        str | None,
+        typer.Option(help="CA bundle (path as the scheduler sees it) for an https:// extender."),
+    ] = None,
+    kubeconfig: Annotated[
+        str | None, typer.Option(help="The scheduler's kubeconfig path; in-cluster when unset.")
+    ] = None,
+    leader_elect: Annotated[bool, typer.Option(help="For several scheduler replicas.")] = False,
+    qps: Annotated[int, typer.Option(min=1, help="Scheduler client QPS (burst is twice).")] = 5000,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Extender call timeout, s.")] = 5.0,
+) -> None:
+    """Print the KubeSchedulerConfiguration for kube-scheduler with tidal's extender."""
+    import yaml  # noqa: PLC0415
+
+    from tidal.scheduler_extender.schedconfig import (  # noqa: PLC0415
+        ExtenderConfig,
+        scheduler_configuration,
+    )
+
+    try:
+        extender = ExtenderConfig(extender_url, ca_file=ca_file, timeout_s=timeout)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    config = scheduler_configuration(
+        extender, kubeconfig=kubeconfig, qps=qps, leader_elect=leader_elect
+    )
+    typer.echo(yaml.safe_dump(config, sort_keys=False), nl=False)

@@ -372,3 +372,47 @@ def test_a_broken_gputopology_is_ignored_and_pods_survive_a_topology_change() ->
     assert state.info.shape.link_names[0][7] == "NV18"
     assert [p.uid for p in state.pods] == ["uid-w"]
     assert state.used == 0b1111
+
+
+def with_health(obj: dict[str, Any], healthy: str) -> dict[str, Any]:
+    return {**obj, "status": {"gpuCount": 8, "healthyGPUs": healthy}}
+
+
+def test_unhealthy_gpus_are_never_placed_on_nor_freed_by_preemption(cluster: Any) -> None:
+    extender, fake = cluster
+    cache = fake.cache
+    cache.upsert_topology(with_health(published("cube-a", "dgx1-v100"), "0,1,2,4,5,6,7"))
+    cache.upsert_topology(with_health(published("cube-b", "dgx1-v100"), "0,1,2,3,4,5,6,7"))
+    fake.add(pod("b-low", 4, node="cube-b", held=[4, 5, 6, 7]))
+    # cube-a has one whole NVLink quad left ({4,5,6,7}); GPU 3 spoils the other
+    first = pod("tp4-a", 4, priority=ONLINE, guaranteed=True)
+    result = extender.filter(filter_args(first, ["cube-a", "cube-b"]))
+    assert sorted(result["NodeNames"]) == ["cube-a", "cube-b"]
+    fake.add(pod("tp4-a", 4, node="cube-a", held=[4, 5, 6, 7], priority=ONLINE))
+    fake.add(pod("tp4-b", 4, node="cube-b", held=[0, 1, 2, 3], priority=ONLINE))
+    # now only a preemption on cube-b can make room; cube-a's quad {0,1,2,3} has a bad GPU
+    # that no eviction can fix, so the plan must not pick cube-a
+    preemptor = pod("tp4-c", 4, priority=ONLINE + 1, guaranteed=True)
+    fake.add(preemptor)
+    result = extender.filter(filter_args(preemptor, ["cube-a", "cube-b"]))
+    assert "cube-a" not in (result["NodeNames"] or [])
+    assert "cube-a" in result["FailedAndUnresolvableNodes"]
+    assert ("evict", "b-low") in fake.calls  # the plan frees cube-b's quad, never cube-a's
+    # the GPU recovers: the fence goes
+    cache.upsert_topology(with_health(published("cube-a", "dgx1-v100"), "0,1,2,3,4,5,6,7"))
+    assert "tidal.dev/unhealthy-gpus/cube-a" not in cache.snapshot.pods
+
+
+def test_a_pod_on_a_gpu_that_went_bad_keeps_it_until_it_leaves() -> None:
+    cache = ClusterCache()
+    cache.replace("nodes", [gpu_node("n", "dgx1-v100")])
+    cache.upsert_pod(pod("w", 2, node="n", held=[2, 3]))
+    cache.upsert_topology(with_health(published("n", "dgx1-v100"), "0,1,2,4,5,6,7"))
+    fence = "tidal.dev/unhealthy-gpus/n"
+    assert fence not in cache.snapshot.pods  # GPU 3 is the pod's; nothing else to hold
+    cache.delete_pod("uid-w")
+    assert cache.snapshot.pods[fence].gpus == 1 << 3
+    assert cache.snapshot.nodes["n"].used == 1 << 3
+    cache.upsert_pod(pod("late", 1, node="n", held=[3]))  # bound outside tidal: no conflict
+    assert cache.snapshot.pods["uid-late"].gpus == 1 << 3
+    assert fence not in cache.snapshot.pods

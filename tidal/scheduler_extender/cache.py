@@ -19,6 +19,7 @@ from tidal.placement import ClusterSnapshot, PdbInfo, PodInfo, Reservation, firs
 from tidal.scheduler_extender.translate import (
     GPUS,
     RESERVATION,
+    SYSTEM_PRIORITY,
     ObjectError,
     ReservationRecord,
     annotations_of,
@@ -78,6 +79,7 @@ class ClusterCache:
         self._pdbs: dict[str, Pdb] = {}
         self._raw_nodes: dict[str, dict[str, Any]] = {}
         self._published: dict[str, NodeShape] = {}  # node -> shape from its GPUTopology
+        self._unhealthy: dict[str, int] = {}  # node -> GPUs its agent reports unhealthy
         self.synced: set[str] = set()
 
     # -- clock and reservations -------------------------------------------------------------
@@ -152,12 +154,16 @@ class ClusterCache:
             return
         if old is not None:
             self.snapshot.remove_pod(uid)
+        fence = self.snapshot.pods.get(_FENCE + node)
+        if fence is not None and fence.gpus & info.gpus:
+            self.snapshot.remove_pod(fence.uid)  # a pod holds a GPU that went bad: it wins
         try:
             self.snapshot.add_pod(info)
         except ValueError as error:
             # Two pods claim one GPU: only possible if something bound outside tidal.
             log.error("GPU conflict on node %s: %s", node, error)
         self._assumed.pop(uid, None)
+        self._fence(node)
 
     def _bound_info(self, uid: str, pod: dict[str, Any], gpu_count: int, full: int) -> PodInfo:
         text = annotations_of(pod).get(GPUS)
@@ -190,7 +196,10 @@ class ClusterCache:
             pod = self.pending.pop(uid, None) or self._raw_bound.pop(uid, None)
             if pod is not None:
                 self.pods_by_key.pop(pod_key(pod), None)
+            bound = self.snapshot.pods.get(uid)
             self._drop_from_snapshot(uid)
+            if bound is not None:
+                self._fence(bound.node)
             self.snapshot.release(uid)
             self._assumed.pop(uid, None)
             for orphans in self._orphans.values():
@@ -219,6 +228,7 @@ class ClusterCache:
                 return
             for uid, pod in self._orphans.pop(name, {}).items():
                 self._upsert_bound(uid, name, pod)
+            self._fence(name)
 
     def delete_node(self, name: str) -> None:
         with self.lock:
@@ -228,6 +238,8 @@ class ClusterCache:
 
     def _park_node_pods(self, name: str) -> None:
         for pod in self.snapshot.remove_node(name):
+            if pod.uid.startswith(_FENCE):
+                continue  # rebuilt from the topology when the node returns
             self._orphans.setdefault(name, {})[pod.uid] = self._raw_bound[pod.uid]
 
     # -- GPUTopology (published by the node agents) -----------------------------------------
@@ -239,10 +251,17 @@ class ClusterCache:
             except ObjectError as error:
                 log.warning("ignoring GPUTopology: %s", error)
                 return
-            if self._published.get(name) is shape:
-                return  # a heartbeat: the spec did not change
-            self._published[name] = shape
-            self._refresh_node(name)
+            unhealthy = _unhealthy_mask(obj, shape.full_mask)
+            if self._published.get(name) is shape and self._unhealthy.get(name, 0) == unhealthy:
+                return  # a heartbeat: nothing changed
+            if unhealthy:
+                self._unhealthy[name] = unhealthy
+            else:
+                self._unhealthy.pop(name, None)
+            if self._published.get(name) is not shape:
+                self._published[name] = shape
+                self._refresh_node(name)
+            self._fence(name)
 
     def published_topologies(self) -> int:
         with self.lock:
@@ -250,8 +269,30 @@ class ClusterCache:
 
     def delete_topology(self, name: str) -> None:
         with self.lock:
+            self._unhealthy.pop(name, None)
             if self._published.pop(name, None) is not None:
                 self._refresh_node(name)
+            self._fence(name)
+
+    def _fence(self, node: str) -> None:
+        """Hold the node's unhealthy GPUs that no pod holds with a pseudo-pod that is never a
+        victim: nothing is placed on them and no preemption plans to free them (the kubelet
+        would not hand them out)."""
+        state = self.snapshot.nodes.get(node)
+        if state is None:
+            return
+        uid = _FENCE + node
+        current = self.snapshot.pods.get(uid)
+        held = state.used & ~(current.gpus if current else 0)
+        wanted = self._unhealthy.get(node, 0) & state.info.shape.full_mask & ~held
+        if current is not None and current.gpus == wanted:
+            return
+        if current is not None:
+            self.snapshot.remove_pod(uid)
+        if wanted:
+            name = f"unhealthy GPUs of {node}"
+            fence = PodInfo(uid, name, node, wanted, SYSTEM_PRIORITY, preemptible=False)
+            self.snapshot.add_pod(fence)
 
     def _refresh_node(self, name: str) -> None:
         node = self._raw_nodes.get(name)
@@ -339,6 +380,22 @@ class _KindHandlers:
     known: Callable[[], set[str]]
     upsert: Callable[[dict[str, Any]], None]
     delete: Callable[[str], None]
+
+
+_FENCE = "tidal.dev/unhealthy-gpus/"  # uid prefix of the pseudo-pods holding unhealthy GPUs
+
+
+def _unhealthy_mask(topology: dict[str, Any], full: int) -> int:
+    """GPUs a GPUTopology's status does not list as healthy (none before the first heartbeat)."""
+    status = topology.get("status") or {}
+    text = status.get("healthyGPUs")
+    if not isinstance(text, str):
+        return 0
+    healthy = 0
+    for part in filter(None, text.split(",")):
+        if part.strip().isdigit():
+            healthy |= 1 << int(part)
+    return full & ~healthy
 
 
 def _name(obj: dict[str, Any]) -> str:

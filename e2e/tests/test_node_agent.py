@@ -120,9 +120,10 @@ def agents(agent_cluster: LocalCluster) -> Iterator[dict[str, tuple[Agent, Kubel
     # unix socket paths must stay short: a directory under /tmp, not pytest's
     with tempfile.TemporaryDirectory(prefix="tidal-dp-") as sockets:
         started: dict[str, tuple[Agent, KubeletDouble]] = {}
+        health = agent_cluster.workdir / "agent-odd-health"
         for node, args in (
             ("agent-cube", ["--fake", "dgx1-v100"]),
-            ("agent-odd", ["--fixture", str(fixture)]),
+            ("agent-odd", ["--fixture", str(fixture), "--fake-health", str(health)]),
         ):
             plugin_dir = Path(sockets) / node
             plugin_dir.mkdir()
@@ -307,6 +308,42 @@ def bits_of(core: Any, node: str) -> list[int]:
         if text and pod.status.phase in ("Pending", "Running"):
             held += [int(g) for g in text.split(",")]
     return held
+
+
+def test_an_unhealthy_gpu_is_reported_streamed_and_avoided(
+    agents: Any, core: Any, custom: Any, ns: str, cluster: LocalCluster
+) -> None:
+    wait_for(lambda: not bits_of(core, "agent-odd"), "agent-odd to be empty", 60)
+    (cluster.workdir / "agent-odd-health").write_text("0 XID 79 (GPU has fallen off the bus)\n")
+    status = wait_for(
+        lambda: (s := published(custom, "agent-odd")["status"])["healthyGPUs"] == "1,2,3" and s,
+        "GPU 0 reported unhealthy",
+        30,
+    )
+    assert status["devices"][0]["reason"] == "XID 79 (GPU has fallen off the bus)"
+    _, kubelet = agents["agent-odd"]
+    stream = kubelet.plugin("tidal-gpu.sock").ListAndWatch(api.Empty(), timeout=30)
+    devices = next(stream).devices
+    assert [d.health for d in devices] == ["Unhealthy", "Healthy", "Healthy", "Healthy"]
+    stream.cancel()
+    # the NVLink pairs are {0,2} and {1,3}: with GPU 0 gone only one TP2 group fits
+    for name in ("first", "second"):
+        pod = gpu_pod(name, 2, annotations={"tidal.dev/topology-mode": "guaranteed"})
+        pod["spec"]["nodeSelector"] = {"kubernetes.io/hostname": "agent-odd"}
+        core.create_namespaced_pod(ns, pod)
+    assert bound(core, ns, "first")["tidal.dev/gpus"] == "1,3"
+
+    def unschedulable() -> str | None:
+        conditions = core.read_namespaced_pod("second", ns).status.conditions or []
+        return next(
+            (c.message for c in conditions if c.type == "PodScheduled" and c.status == "False"),
+            None,
+        )
+
+    message = wait_for(unschedulable, "the second pod to be reported unschedulable", 30)
+    assert "1 free, 2 needed" in message  # the extender counts GPU 0 out
+    assert core.read_namespaced_pod("second", ns).spec.node_name is None
+    (cluster.workdir / "agent-odd-health").write_text("")
 
 
 def test_agent_restart_keeps_one_object_and_node_deletion_removes_it(

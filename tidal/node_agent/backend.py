@@ -40,12 +40,14 @@ class GpuBackend(Protocol):
 
 class FakeBackend:
     """Serves a preset or a fixture topology as if NVML had discovered it. Health can be flipped
-    (tests, demos) with :meth:`set_health`; utilization is always zero."""
+    with :meth:`set_health`, or from outside through ``health_file``: one line per unhealthy
+    GPU, ``INDEX REASON`` (e.g. ``3 XID 79``), read at every sample. Utilization is zero."""
 
-    def __init__(self, facts: NodeFacts) -> None:
+    def __init__(self, facts: NodeFacts, health_file: Path | None = None) -> None:
         self._facts = facts
         self._lock = threading.Lock()
         self._unhealthy: dict[int, str] = {}
+        self._health_file = health_file
 
     def facts(self) -> NodeFacts:
         return self._facts
@@ -62,26 +64,48 @@ class FakeBackend:
     def sample(self) -> list[GpuSample]:
         with self._lock:
             unhealthy = dict(self._unhealthy)
+        unhealthy.update(self._from_health_file())
         return [
             GpuSample(g.index, g.index not in unhealthy, unhealthy.get(g.index, ""))
             for g in self._facts.gpus
         ]
 
+    def _from_health_file(self) -> dict[int, str]:
+        if self._health_file is None:
+            return {}
+        try:
+            lines = self._health_file.read_text().splitlines()
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for line in lines:
+            index, _, reason = line.strip().partition(" ")
+            if index.isdigit() and int(index) < len(self._facts.gpus):
+                out[int(index)] = reason or "marked unhealthy"
+        return out
+
     def close(self) -> None:
         return None
 
 
-def open_backend(node: str, fake: str | None = None, fixture: Path | None = None) -> GpuBackend:
+def open_backend(
+    node: str,
+    fake: str | None = None,
+    fixture: Path | None = None,
+    health_file: Path | None = None,
+) -> GpuBackend:
     """The fake backend for a preset name or a topology fixture file, else NVML."""
     if fake and fixture:
         raise DiscoveryError("give --fake PRESET or --fixture FILE, not both")
+    if health_file and not (fake or fixture):
+        raise DiscoveryError("--fake-health applies to --fake or --fixture only")
     if fake:
         try:
-            return FakeBackend(fake_facts(fake, node))
+            return FakeBackend(fake_facts(fake, node), health_file)
         except TopologyError as error:
             raise DiscoveryError(f"--fake: {error}") from None
     if fixture:
-        return FakeBackend(load_fixture(fixture, node))
+        return FakeBackend(load_fixture(fixture, node), health_file)
     from tidal.node_agent.nvml import NvmlBackend  # noqa: PLC0415 (needs the NVIDIA driver)
 
     return NvmlBackend()

@@ -99,6 +99,15 @@ def run_command(
     ] = None,
     fake: Fake = None,
     fixture: Fixture = None,
+    fake_health: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="TIDAL_FAKE_HEALTH",
+            help="With --fake/--fixture: a file of unhealthy GPUs, lines 'INDEX REASON', read "
+            "at every health sample (simulates XIDs).",
+            dir_okay=False,
+        ),
+    ] = None,
     device_plugin: Annotated[
         bool, typer.Option(help="Serve the kubelet device plugin for the GPUs.")
     ] = True,
@@ -133,6 +142,7 @@ def run_command(
         kubeconfig=kubeconfig,
         fake=fake,
         fixture=fixture,
+        fake_health=fake_health,
         device_plugin=device_plugin,
         plugin=PluginOptions(directory=plugin_dir, resource=resource),
         metrics_port=metrics_port,

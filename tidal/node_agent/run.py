@@ -30,6 +30,7 @@ class AgentOptions:
     kubeconfig: Path | None = None
     fake: str | None = None
     fixture: Path | None = None
+    fake_health: Path | None = None
     device_plugin: bool = True
     plugin: PluginOptions = field(default_factory=PluginOptions)
     metrics_port: int = 9402  # 0: no metrics server
@@ -43,7 +44,9 @@ class NodeAgent:
         from tidal.kubeclient import api_client  # noqa: PLC0415
 
         self.options = options
-        self.backend = backend or open_backend(options.node, options.fake, options.fixture)
+        self.backend = backend or open_backend(
+            options.node, options.fake, options.fixture, options.fake_health
+        )
         self.discovery = Discovery.of(options.node, self.backend.facts())
         self.metrics = AgentMetrics()
         self.metrics.describe(self.discovery.facts)

@@ -478,3 +478,17 @@ def test_nvml_without_a_driver_says_what_to_do(tmp_path: Path) -> None:
     nvml = EmulatedNvml(fake_facts("single-gpu", "x"), driver_loaded=False)
     with pytest.raises(DiscoveryError, match=r"Driver Not Loaded.*--fake PRESET"):
         NvmlBackend(nvml=nvml, sysfs=tmp_path)  # type: ignore[arg-type]
+
+
+def test_fake_health_file_simulates_xids(tmp_path: Path) -> None:
+    health = tmp_path / "health"
+    backend = FakeBackend(fake_facts("pcie-2x", "n"), health)
+    assert all(s.healthy for s in backend.sample())  # no file yet
+    health.write_text("1 XID 48 (double-bit ECC error)\n7 beyond the node\nnot a line\n")
+    samples = backend.sample()
+    assert [(s.index, s.healthy, s.reason) for s in samples] == [
+        (0, True, ""),
+        (1, False, "XID 48 (double-bit ECC error)"),
+    ]
+    health.write_text("")
+    assert all(s.healthy for s in backend.sample())

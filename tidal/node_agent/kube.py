@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-import orjson
 from kubernetes import client
 
+from tidal.kubeclient import read_json
 from tidal.node_agent.allocation import ANNOTATION_GPUS, Assignment, parse_gpu_annotation
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ class KubePods:
             _request_timeout=10,
         )
         out = []
-        for pod in orjson.loads(response.data).get("items") or []:
+        for pod in read_json(response).get("items") or []:
             meta = pod["metadata"]
             text = (meta.get("annotations") or {}).get(ANNOTATION_GPUS)
             if not text:

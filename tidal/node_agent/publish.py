@@ -18,6 +18,7 @@ import orjson
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from tidal.kubeclient import discard, read_json
 from tidal.node_agent.backend import GpuSample
 from tidal.node_agent.facts import NodeFacts, matching_preset, topology_class, topology_spec
 from tidal.topology import NodeShape, NodeTopology, build_topology, compile_shape
@@ -153,7 +154,7 @@ class Publisher:
                         "spec.nodeName through the downward API)"
                     ) from None
                 raise PublishError(f"read node {node}: {_reason(error)}") from None
-            self._node_uid = orjson.loads(response.data)["metadata"]["uid"]
+            self._node_uid = read_json(response)["metadata"]["uid"]
         return self._node_uid
 
     def publish(self, discovery: Discovery) -> None:
@@ -172,7 +173,7 @@ class Publisher:
 
     def _apply(self, node: str, body: dict[str, Any], patch: Any) -> None:
         try:
-            patch(
+            response = patch(
                 GROUP,
                 VERSION,
                 PLURAL,
@@ -185,6 +186,7 @@ class Publisher:
             )
         except ApiException as error:
             raise PublishError(f"apply GPUTopology {node}: {_reason(error)}") from None
+        discard(response)
 
 
 def _reason(error: ApiException) -> str:

@@ -11,6 +11,7 @@ import orjson
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from tidal.kubeclient import discard, read_json
 from tidal.operator.crds import GROUP, VERSION, manifests
 from tidal.operator.pods import GPU_RESOURCE
 
@@ -35,7 +36,7 @@ def _message(error: ApiException) -> str:
 
 
 def _json(response: Any) -> Any:
-    return orjson.loads(response.data)
+    return read_json(response)
 
 
 def _gpus_requested(pod: dict[str, Any]) -> int:
@@ -107,13 +108,16 @@ class OperatorKube:
             lambda: self.core.create_namespaced_pod(namespace, pod, _preload_content=False),
             ok=(409,),
         )
+        discard(created)
         return created is not None
 
     def delete_pod(self, namespace: str, name: str) -> None:
-        self._call(
-            f"delete pod {namespace}/{name}",
-            lambda: self.core.delete_namespaced_pod(name, namespace, _preload_content=False),
-            ok=(404,),
+        discard(
+            self._call(
+                f"delete pod {namespace}/{name}",
+                lambda: self.core.delete_namespaced_pod(name, namespace, _preload_content=False),
+                ok=(404,),
+            )
         )
 
     def node_free_gpus(self, nodes: Iterable[str]) -> dict[str, int]:
@@ -179,7 +183,7 @@ def _apply(api: client.ApiClient, manifest: dict[str, Any]) -> None:
         "ClusterRole": client.RbacAuthorizationV1Api(api).patch_cluster_role,
     }
     try:
-        patchers[kind](
+        response = patchers[kind](
             name,
             manifest,
             field_manager="tidal-operator",
@@ -187,6 +191,7 @@ def _apply(api: client.ApiClient, manifest: dict[str, Any]) -> None:
             _content_type="application/apply-patch+yaml",  # JSON is YAML
             _preload_content=False,
         )
+        discard(response)
     except ApiException as error:
         status = int(error.status or 0)
         raise OperatorApiError(status, f"apply {kind}/{name}: {_message(error)}") from None

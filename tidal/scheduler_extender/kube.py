@@ -17,6 +17,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
+from tidal.kubeclient import discard, read_json
 from tidal.scheduler_extender.cache import ClusterCache
 from tidal.scheduler_extender.extender import ApiError
 
@@ -50,7 +51,7 @@ class KubeActions:
             if error.status == 404:
                 return None
             raise ApiError(int(error.status or 0), f"get pod {namespace}/{name}") from None
-        pod: dict[str, Any] = orjson.loads(response.data)
+        pod: dict[str, Any] = read_json(response)
         return pod
 
     def annotate_pod(self, namespace: str, name: str, values: dict[str, str | None]) -> None:
@@ -74,10 +75,11 @@ class KubeActions:
             },
             "target": {"apiVersion": "v1", "kind": "Node", "name": node},
         }
-        self._call(
+        response = self._call(
             f"bind pod {namespace}/{name} to {node}",
             lambda: self.core.create_namespaced_binding(namespace, binding, _preload_content=False),
         )
+        discard(response)
 
     def mark_disruption_target(self, namespace: str, name: str, message: str) -> None:
         condition = {
@@ -186,7 +188,7 @@ class Reflector(threading.Thread):
 
     def _list(self) -> str:
         response = self.list_call(_preload_content=False)
-        body = orjson.loads(response.data)
+        body = read_json(response)
         self.cache.replace(self.kind, body.get("items") or [])
         version: str = body["metadata"]["resourceVersion"]
         log.info(

@@ -62,10 +62,12 @@ def error(
 ) -> tuple[float, float]:
     q, k, v = make_inputs(kind, n, d)
     reference = reference_attention(q, k, v, causal, d**-0.5)
+    poisoned = torch.full(q.shape, float("nan"), dtype=torch.float16)  # every row must be written
     out = int8_attention(
-        q.half(), k.half(), v.half(), causal=causal, p_mode=mode, smooth_k=smooth_k
+        q.half(), k.half(), v.half(), causal=causal, p_mode=mode, smooth_k=smooth_k, out=poisoned
     )
     assert isinstance(out, torch.Tensor)
+    assert not out.isnan().any(), f"{kind} N={n} D={d} {mode}: rows left unwritten"
     return relative_l2(out, reference), cosine_similarity(out, reference)
 
 

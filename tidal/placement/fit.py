@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from tidal.placement import status
 from tidal.placement.request import PodRequest, TopologyMode
@@ -22,9 +23,10 @@ from tidal.topology import NodeShape, Tier
 MAX_SCORE = 10  # kube-scheduler extender scores run 0..10
 
 
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """A pod on ``node`` on GPU set ``gpus`` (a mask), aligned at ``tier``."""
+class Placement(NamedTuple):
+    """A pod on ``node`` on GPU set ``gpus`` (a mask), aligned at ``tier``. A named tuple, not a
+    dataclass: filter builds one per feasible node, and a frozen dataclass costs three times as
+    much to construct (2.5 vs 0.8 µs, a third of filter's time at 1,000 nodes)."""
 
     node: str
     gpus: int
@@ -41,76 +43,107 @@ class Placement:
 
 @dataclass(frozen=True, slots=True)
 class FilterResult:
+    """``feasible`` maps a node to the placement it offers. Nodes of one (shape, free GPUs)
+    class share one placement object whose ``node`` is empty; :meth:`placement` and
+    :meth:`best` fill it in."""
+
     feasible: dict[str, Placement]
     rejected: dict[str, Rejection]
+
+    def placement(self, name: str) -> Placement:
+        return self.feasible[name]._replace(node=name)
+
+    def best(self) -> Placement | None:
+        """The best-ranked feasible placement, ties to the first node by name."""
+        if not self.feasible:
+            return None
+        name, best = min(self.feasible.items(), key=lambda item: (*item[1].rank[:4], item[0]))
+        return best._replace(node=name)
 
 
 def filter_nodes(
     snapshot: ClusterSnapshot, request: PodRequest, names: Iterable[str] | None = None
 ) -> FilterResult:
     """Split nodes into those where ``request`` fits now (with the GPU set it would get) and
-    those where it does not, with a code and a reason for each. The common case, a node
-    without room, costs a few integer operations and one table lookup."""
+    those where it does not, with a code and a reason for each.
+
+    The answer depends on a node's (shape, free GPUs) class, which many nodes share, plus its
+    CPU and memory: each class is decided once, and the loop over nodes is a dictionary
+    lookup and a room check (about 1 µs a node in CPython)."""
     feasible: dict[str, Placement] = {}
     rejected: dict[str, Rejection] = {}
-    tables: dict[NodeShape, tuple[bytearray, Rejection | None]] = {}
-    shortages: dict[int, Rejection] = {}
-    placements: dict[tuple[NodeShape, int], Placement] = {}
-    tier = request.tier if request.aligned_only else Tier.NODE
+    decide = _ClassDecisions(request)
+    nodes = snapshot.nodes
     blocks = snapshot.has_blocks()
-    for name in snapshot.nodes if names is None else names:
-        state = snapshot.nodes.get(name)
+    needs_room = request.cpu_milli > 0 or request.memory_mib > 0
+    for name in nodes if names is None else names:
+        state = nodes.get(name)
         if state is None:
             rejected[name] = _NOT_CACHED
             continue
-        shape = state.info.shape
-        facts = tables.get(shape)
-        if facts is None:
-            facts = tables[shape] = _shape_facts(shape, request, tier)
-        holds, never = facts
-        free = shape.full_mask & ~state.used
+        key = state.free_class
         if blocks:
-            free &= ~snapshot.blocked_for(name, request.uid)
-        if holds[free]:
-            outcome = _fit_free(snapshot, state, request, free, placements)
-        elif never is not None:
-            outcome = never
-        elif request.cpu_milli > state.info.cpu_milli or request.memory_mib > state.info.memory_mib:
-            outcome = static_rejection(state, request) or _shortage(free, request)
+            blocked = snapshot.blocked_for(name, request.uid)
+            if blocked:
+                key = (key[0], key[1] & ~blocked)
+        outcome = decide.classes.get(key, _UNDECIDED)
+        if outcome is _UNDECIDED:
+            outcome = decide(key)
+        if not isinstance(outcome, Placement):
+            rejected[name] = decide.rejection(state, key[1], outcome)
+        elif needs_room and not _has_room(state, request):
+            found = fit_node(snapshot, state, request)
+            if isinstance(found, Placement):
+                feasible[name] = found
+            else:
+                rejected[name] = found
         else:
-            count = free.bit_count()
-            outcome = shortages.get(count) or shortages.setdefault(count, _shortage(free, request))
-        if isinstance(outcome, Placement):
             feasible[name] = outcome
-        else:
-            rejected[name] = outcome
     return FilterResult(feasible, rejected)
 
 
-def _fit_free(
-    snapshot: ClusterSnapshot,
-    state: NodeState,
-    request: PodRequest,
-    free: int,
-    placements: dict[tuple[NodeShape, int], Placement],
-) -> Placement | Rejection:
-    """``free`` holds the request's GPUs: check CPU and memory, and reuse the GPU choice, which
-    depends only on (shape, free mask), shared by many nodes."""
-    if request.cpu_milli > state.cpu_free() or request.memory_mib > state.memory_free():
-        return fit_node(snapshot, state, request)
-    shape = state.info.shape
-    template = placements.get((shape, free))
-    if template is None:
-        template = placements[shape, free] = _placement(shape, free, request)
-    return Placement(
-        state.name,
-        template.gpus,
-        template.tier,
-        template.shortfall,
-        template.capacity_lost,
-        template.quality,
-        template.free_left,
-    )
+_UNDECIDED = Rejection(Code.UNRESOLVABLE, "undecided")  # a sentinel, never returned
+
+
+class _ClassDecisions:
+    """Per request: for each (shape, free mask) the shared placement, or why not."""
+
+    def __init__(self, request: PodRequest) -> None:
+        self.request = request
+        self.tier = request.tier if request.aligned_only else Tier.NODE
+        self.classes: dict[tuple[NodeShape, int], Placement | Rejection | None] = {}
+        self.tables: dict[NodeShape, tuple[bytearray, Rejection | None]] = {}
+        self.shortages: dict[int, Rejection] = {}
+
+    def __call__(self, key: tuple[NodeShape, int]) -> Placement | Rejection | None:
+        """A Placement, a Rejection that holds for every node of the shape, or None (no room
+        for the GPUs here: the reason depends on the node's own CPU and memory)."""
+        shape, free = key
+        facts = self.tables.get(shape)
+        if facts is None:
+            facts = self.tables[shape] = _shape_facts(shape, self.request, self.tier)
+        holds, never = facts
+        outcome: Placement | Rejection | None
+        outcome = _placement(shape, free, self.request) if holds[free] else never
+        self.classes[key] = outcome
+        return outcome
+
+    def rejection(self, state: NodeState, free: int, never: Rejection | None) -> Rejection:
+        return never or _no_room(state, self.request, free, self.shortages)
+
+
+def _no_room(
+    state: NodeState, request: PodRequest, free: int, shortages: dict[int, Rejection]
+) -> Rejection:
+    """Why a node whose free GPUs hold no fitting set rejects the request (memoised by count)."""
+    info = state.info
+    if request.cpu_milli > info.cpu_milli or request.memory_mib > info.memory_mib:
+        return static_rejection(state, request) or _shortage(free, request)
+    count = free.bit_count()
+    reason = shortages.get(count)
+    if reason is None:
+        reason = shortages[count] = _shortage(free, request)
+    return reason
 
 
 def _placement(shape: NodeShape, free: int, request: PodRequest) -> Placement:

@@ -102,8 +102,7 @@ def _plan_in_domain(
 def _free_placement(
     work: ClusterSnapshot, member: PodRequest, nodes: Iterable[str]
 ) -> Placement | None:
-    feasible = filter_nodes(work, member, nodes).feasible
-    return min(feasible.values(), key=lambda p: p.rank, default=None)
+    return filter_nodes(work, member, nodes).best()
 
 
 def _evict(work: ClusterSnapshot, victims: Iterable[str]) -> None:

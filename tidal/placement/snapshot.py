@@ -113,6 +113,8 @@ class NodeState:
     # Over the GPU-holding pods among pods[i:]: the lowest priority and the latest checkpoint
     # (or start), so a planner can bound the cost of evicting any of them in O(1).
     min_priority_suffix: tuple[int, ...]
+    # (shape, free GPU mask): nodes of one class get the same GPU choice for any request
+    free_class: tuple[NodeShape, int]
     memo: dict[object, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
@@ -136,6 +138,7 @@ class NodeState:
             cpu_prefix=_prefix(ordered, lambda p: p.cpu_milli, lambda a, b: a + b),
             memory_prefix=_prefix(ordered, lambda p: p.memory_mib, lambda a, b: a + b),
             min_priority_suffix=_suffix(ordered, lambda p: p.priority, min, NON_PREEMPTIBLE),
+            free_class=(info.shape, info.shape.full_mask & ~used),
         )
 
     @property
@@ -399,5 +402,4 @@ class ClusterSnapshot:
 
 
 def _class_key(state: NodeState) -> tuple[NodeShape, int]:
-    shape = state.info.shape
-    return (shape, shape.full_mask & ~state.used)
+    return state.free_class

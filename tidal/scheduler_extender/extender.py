@@ -140,14 +140,12 @@ class Extender:
     def _remember_scores(self, request: PodRequest, outcome: FilterResult) -> None:
         """Score the placements filter found: prioritize follows with the same nodes."""
         nodes = self.cache.snapshot.nodes
-        memo: dict[tuple[object, ...], int] = {}
+        memo: dict[int, int] = {}  # by placement object: filter shares one per node class
         scores = {}
         for name, placement in outcome.feasible.items():
-            shape = nodes[name].info.shape
-            key = (shape, placement.capacity_lost, placement.shortfall)
-            value = memo.get(key)
+            value = memo.get(id(placement))
             if value is None:
-                value = memo[key] = score(placement, shape)
+                value = memo[id(placement)] = score(placement, nodes[name].info.shape)
             scores[name] = value
         if len(self._scores) >= _REMEMBERED_PODS:
             self._scores.pop(next(iter(self._scores)))

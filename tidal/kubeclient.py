@@ -39,3 +39,12 @@ def discard(response: Any) -> None:
         return
     response.drain_conn()
     response.release_conn()
+
+
+def error_message(error: Any) -> str:
+    """The API server's message from an ApiException (its Status body), else its reason."""
+    body = error.body.decode() if isinstance(error.body, bytes) else str(error.body or "")
+    try:
+        return str(orjson.loads(body).get("message", body))
+    except orjson.JSONDecodeError:
+        return body or str(error.reason)

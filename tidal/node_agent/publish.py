@@ -14,11 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tidal.kubeclient import discard, read_json
+from tidal.kubeclient import discard, error_message, read_json
 from tidal.node_agent.backend import GpuSample
 from tidal.node_agent.facts import NodeFacts, matching_preset, topology_class, topology_spec
 from tidal.topology import NodeShape, NodeTopology, build_topology, compile_shape
@@ -153,7 +152,7 @@ class Publisher:
                         f"node {node!r} does not exist: set --node-name (in a DaemonSet, from "
                         "spec.nodeName through the downward API)"
                     ) from None
-                raise PublishError(f"read node {node}: {_reason(error)}") from None
+                raise PublishError(f"read node {node}: {error_message(error)}") from None
             self._node_uid = read_json(response)["metadata"]["uid"]
         return self._node_uid
 
@@ -165,7 +164,7 @@ class Publisher:
         try:
             self.core.patch_node(discovery.node, labels)
         except ApiException as error:
-            raise PublishError(f"label node {discovery.node}: {_reason(error)}") from None
+            raise PublishError(f"label node {discovery.node}: {error_message(error)}") from None
 
     def heartbeat(self, discovery: Discovery, samples: Sequence[GpuSample]) -> None:
         body = topology_status(discovery, samples)
@@ -185,13 +184,5 @@ class Publisher:
                 _preload_content=False,
             )
         except ApiException as error:
-            raise PublishError(f"apply GPUTopology {node}: {_reason(error)}") from None
+            raise PublishError(f"apply GPUTopology {node}: {error_message(error)}") from None
         discard(response)
-
-
-def _reason(error: ApiException) -> str:
-    body = error.body.decode() if isinstance(error.body, bytes) else str(error.body or "")
-    try:
-        return str(orjson.loads(body).get("message", body))
-    except orjson.JSONDecodeError:
-        return body or str(error.reason)

@@ -7,11 +7,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import orjson
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tidal.kubeclient import discard, read_json
+from tidal.kubeclient import discard, error_message, read_json
 from tidal.operator.crds import GROUP, VERSION, manifests
 from tidal.operator.pods import GPU_RESOURCE
 
@@ -28,11 +27,7 @@ class OperatorApiError(Exception):
 
 
 def _message(error: ApiException) -> str:
-    body = error.body.decode() if isinstance(error.body, bytes) else str(error.body or "")
-    try:
-        return str(orjson.loads(body).get("message", body))
-    except orjson.JSONDecodeError:
-        return body or str(error.reason)
+    return error_message(error)
 
 
 def _json(response: Any) -> Any:

@@ -383,6 +383,7 @@ def test_unhealthy_gpus_are_never_placed_on_nor_freed_by_preemption(cluster: Any
     cache = fake.cache
     cache.upsert_topology(with_health(published("cube-a", "dgx1-v100"), "0,1,2,4,5,6,7"))
     cache.upsert_topology(with_health(published("cube-b", "dgx1-v100"), "0,1,2,3,4,5,6,7"))
+    assert extender.stats()["unhealthy_gpus"] == 1
     fake.add(pod("b-low", 4, node="cube-b", held=[4, 5, 6, 7]))
     # cube-a has one whole NVLink quad left ({4,5,6,7}); GPU 3 spoils the other
     first = pod("tp4-a", 4, priority=ONLINE, guaranteed=True)
@@ -401,6 +402,7 @@ def test_unhealthy_gpus_are_never_placed_on_nor_freed_by_preemption(cluster: Any
     # the GPU recovers: the fence goes
     cache.upsert_topology(with_health(published("cube-a", "dgx1-v100"), "0,1,2,3,4,5,6,7"))
     assert "tidal.dev/unhealthy-gpus/cube-a" not in cache.snapshot.pods
+    assert extender.stats()["unhealthy_gpus"] == 0
 
 
 def test_a_pod_on_a_gpu_that_went_bad_keeps_it_until_it_leaves() -> None:

@@ -227,10 +227,11 @@ def test_agents_publish_gputopology_with_owner_labels_and_heartbeat(
     assert b'tidal_gpu_healthy{gpu="7"} 1.0' in metrics
 
 
-def extender_knows_topologies(cluster: LocalCluster) -> int:
+def extender_count(cluster: LocalCluster, kind: str) -> int:
+    """The extender's tidal_extender_cache_objects{kind=...} gauge."""
     assert cluster.options.extender is not None
     text = urllib.request.urlopen(f"{cluster.options.extender.url_prefix}/metrics").read().decode()
-    line = next(x for x in text.splitlines() if 'cache_objects{kind="topologies"}' in x)
+    line = next(x for x in text.splitlines() if f'cache_objects{{kind="{kind}"}}' in x)
     return int(float(line.split()[-1]))
 
 
@@ -239,7 +240,7 @@ def test_extender_places_by_the_published_topology(
 ) -> None:
     # kube-scheduler retries an unschedulable pod on cluster events, not when the extender
     # learns something: place pods once the extender has both topologies
-    wait_for(lambda: extender_knows_topologies(cluster) == 2, "the extender to read both", 60)
+    wait_for(lambda: extender_count(cluster, "topologies") == 2, "the extender to read both", 60)
     # four TP2 pods need NVLink pairs: on agent-odd those are {0,2} and {1,3} only
     for i in range(2):
         pod = gpu_pod(f"pair-{i}", 2, annotations={"tidal.dev/topology-mode": "guaranteed"})
@@ -326,12 +327,15 @@ def test_an_unhealthy_gpu_is_reported_streamed_and_avoided(
     devices = next(stream).devices
     assert [d.health for d in devices] == ["Unhealthy", "Healthy", "Healthy", "Healthy"]
     stream.cancel()
-    # the NVLink pairs are {0,2} and {1,3}: with GPU 0 gone only one TP2 group fits
+    wait_for(lambda: extender_count(cluster, "unhealthy_gpus") == 1, "the extender to see it", 30)
+    # the NVLink pairs are {0,2} and {1,3}: with GPU 0 gone only one TP2 group fits. The pods
+    # go one after the other: created together, either may be scheduled first.
     for name in ("first", "second"):
         pod = gpu_pod(name, 2, annotations={"tidal.dev/topology-mode": "guaranteed"})
         pod["spec"]["nodeSelector"] = {"kubernetes.io/hostname": "agent-odd"}
         core.create_namespaced_pod(ns, pod)
-    assert bound(core, ns, "first")["tidal.dev/gpus"] == "1,3"
+        if name == "first":
+            assert bound(core, ns, "first")["tidal.dev/gpus"] == "1,3"
 
     def unschedulable() -> str | None:
         conditions = core.read_namespaced_pod("second", ns).status.conditions or []

@@ -267,6 +267,11 @@ class ClusterCache:
         with self.lock:
             return len(self._published)
 
+    def unhealthy_gpus(self) -> int:
+        """GPUs the node agents report unhealthy, over all nodes."""
+        with self.lock:
+            return sum(mask.bit_count() for mask in self._unhealthy.values())
+
     def delete_topology(self, name: str) -> None:
         with self.lock:
             self._unhealthy.pop(name, None)

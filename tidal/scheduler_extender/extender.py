@@ -410,4 +410,5 @@ class Extender:
                 "pending": len(self.cache.pending),
                 "reservations": len(snapshot.reservations),
                 "topologies": self.cache.published_topologies(),
+                "unhealthy_gpus": self.cache.unhealthy_gpus(),
             }

@@ -1,11 +1,13 @@
-"""Small helpers for e2e tests: polling with a readable failure, binaries or skip."""
+"""Small helpers for e2e tests: polling with a readable failure, binaries or skip, a namespace
+per test."""
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from typing import TypeVar
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import pytest
 
@@ -36,3 +38,14 @@ def binaries_or_skip() -> Binaries:
         if os.environ.get("TIDAL_E2E") == "require":
             raise
         pytest.skip(str(error))
+
+
+def fresh_namespace(core: Any, prefix: str, drain_timeout_s: float = 60.0) -> Iterator[str]:
+    """A fresh namespace for one test (use with ``yield from`` in a fixture). Pods of a deleted
+    namespace go through KWOK's delete stage; waiting for them keeps the tests independent."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name}})
+    yield name
+    core.delete_namespace(name)
+    wait_for(lambda: not core.list_namespaced_pod(name).items, f"namespace {name} to drain",
+             drain_timeout_s)  # fmt: skip

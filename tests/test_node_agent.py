@@ -34,6 +34,7 @@ from tidal.node_agent.deviceplugin.server import (
 )
 from tidal.node_agent.deviceplugin.v1beta1 import api_pb2 as api
 from tidal.node_agent.facts import DiscoveryError, fake_facts, matching_preset, topology_spec
+from tidal.node_agent.kube import assignments
 from tidal.node_agent.nvml import NvmlBackend
 from tidal.node_agent.publish import Discovery, gpu_topology, label_value, topology_status
 from tidal.node_agent.standalone import (
@@ -169,6 +170,22 @@ def test_allocate_matches_exactly_or_refuses_naming_the_pod() -> None:
     assert "offered GPUs [0,1,4,5]" in text
     assert "ml/a was assigned GPUs [0,1,2,3]" in text and "ml/b was assigned GPUs [4,5,6,7]" in text
     assert match_allocation([0, 1], waiting, set()) is None  # no tidal pod of that size
+
+
+def test_waiting_pods_are_tidal_pods_the_kubelet_has_not_admitted() -> None:
+    def pending(name: str, gpus: str | None, statuses: list[Any] | None = None) -> Any:
+        annotations = {"tidal.dev/gpus": gpus} if gpus else {}
+        meta = {"namespace": "ml", "name": name, "uid": f"u-{name}", "annotations": annotations}
+        return {"metadata": meta, "status": {"containerStatuses": statuses}}
+
+    admitted = [{"name": "w", "state": {"waiting": {"reason": "ContainerCreating"}}}]
+    pods = [
+        pending("new", "0,2"),
+        pending("admitted", "1,3", admitted),  # got its GPUs before an agent restart
+        pending("untouched", None),  # not placed by tidal
+        pending("garbled", "0,0"),
+    ]
+    assert [(a.name, a.uid, a.gpus) for a in assignments(pods)] == [("new", "u-new", (0, 2))]
 
 
 def test_container_env_fits_the_set() -> None:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from kubernetes import client
 
-from e2e.helpers import binaries_or_skip, wait_for
+from e2e.helpers import binaries_or_skip, fresh_namespace, wait_for
 from tidal.devcluster import ClusterOptions, LocalCluster
 from tidal.devcluster.nodes import gpu_pod, node_names
 
@@ -59,12 +58,7 @@ def core(tidal_cluster: LocalCluster) -> Any:
 
 @pytest.fixture
 def ns(core: Any) -> Iterator[str]:
-    name = f"ext-{uuid.uuid4().hex[:8]}"
-    core.create_namespace({"metadata": {"name": name}})
-    yield name
-    core.delete_namespace(name)
-    # Pods of a deleted namespace go through KWOK's delete stage; wait so tests stay independent.
-    wait_for(lambda: not core.list_namespaced_pod(name).items, f"namespace {name} to drain")
+    yield from fresh_namespace(core, "ext")
 
 
 def gpus_of(pod: Any) -> set[int]:

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from e2e.helpers import binaries_or_skip, wait_for
+from e2e.helpers import binaries_or_skip, fresh_namespace, wait_for
 from tests.kubelet_double import KubeletDouble
 from tidal.devcluster import ClusterOptions, LocalCluster
 from tidal.devcluster.binaries import Binaries
@@ -160,10 +159,7 @@ def custom(cluster: LocalCluster) -> Any:
 
 @pytest.fixture
 def ns(core: Any) -> Iterator[str]:
-    name = f"agent-{uuid.uuid4().hex[:8]}"
-    core.create_namespace({"metadata": {"name": name}})
-    yield name
-    core.delete_namespace(name)
+    yield from fresh_namespace(core, "agent")
 
 
 def topology(custom: Any, node: str) -> dict[str, Any] | None:

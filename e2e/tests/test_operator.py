@@ -7,7 +7,6 @@ Nodes are two DGX-1V (hybrid cube-mesh, NVLink quads {0,1,2,3} and {4,5,6,7}): 1
 from __future__ import annotations
 
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from e2e.helpers import binaries_or_skip, wait_for
+from e2e.helpers import binaries_or_skip, fresh_namespace, wait_for
 from tidal.devcluster import ClusterOptions, LocalCluster
 from tidal.devcluster.binaries import Binaries
 from tidal.devcluster.nodes import node_names
@@ -65,11 +64,7 @@ def custom(cluster: LocalCluster) -> Any:
 
 @pytest.fixture
 def ns(core: Any) -> Iterator[str]:
-    name = f"op-{uuid.uuid4().hex[:8]}"
-    core.create_namespace({"metadata": {"name": name}})
-    yield name
-    core.delete_namespace(name)
-    wait_for(lambda: not core.list_namespaced_pod(name).items, f"namespace {name} to drain", 60)
+    yield from fresh_namespace(core, "op")
 
 
 def kubectl(cluster: LocalCluster, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:

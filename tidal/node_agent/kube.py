@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from kubernetes import client
 
@@ -26,24 +27,24 @@ class KubePods:
             _preload_content=False,
             _request_timeout=10,
         )
-        out = []
-        for pod in read_json(response).get("items") or []:
-            meta = pod["metadata"]
-            text = (meta.get("annotations") or {}).get(ANNOTATION_GPUS)
-            if not text:
-                continue
-            try:
-                gpus = parse_gpu_annotation(text)
-            except ValueError as error:
-                log.warning("pod %s/%s: %s", meta["namespace"], meta["name"], error)
-                continue
-            out.append(
-                Assignment(
-                    meta["namespace"],
-                    meta["name"],
-                    meta["uid"],
-                    gpus,
-                    meta.get("creationTimestamp", ""),
-                )
-            )
-        return out
+        return assignments(read_json(response).get("items") or [])
+
+
+def assignments(pods: list[dict[str, Any]]) -> list[Assignment]:
+    """The pods tidal placed that the kubelet has not admitted yet. An admitted pod (the kubelet
+    has written container statuses) already got its devices; skipping it by its status rather
+    than by memory keeps a restarted agent from counting it as still waiting."""
+    out = []
+    for pod in pods:
+        meta = pod["metadata"]
+        text = (meta.get("annotations") or {}).get(ANNOTATION_GPUS)
+        if not text or (pod.get("status") or {}).get("containerStatuses"):
+            continue
+        try:
+            gpus = parse_gpu_annotation(text)
+        except ValueError as error:
+            log.warning("pod %s/%s: %s", meta["namespace"], meta["name"], error)
+            continue
+        created = meta.get("creationTimestamp", "")
+        out.append(Assignment(meta["namespace"], meta["name"], meta["uid"], gpus, created))
+    return out

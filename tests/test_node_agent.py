@@ -107,6 +107,42 @@ def test_discover_cli_matrix_and_errors() -> None:
     assert "unknown topology preset 'dgx-9000'" in bad.output
 
 
+def test_manifests_cli_prints_the_rbac_and_daemonset_with_the_chosen_settings() -> None:
+    runner = CliRunner()
+    args = ["node-agent", "manifests", "--namespace", "gpu-system", "--image", "reg/tidal:dev"]
+    args += ["--node-selector", "pool=gpu", "--runtime-class", "", "--resource", "x.io/gpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "&id" not in result.output  # no YAML anchors: kubectl users read these
+    account, role, binding, daemon = yaml.safe_load_all(result.output)
+    assert [o["kind"] for o in (account, role, binding, daemon)] == [
+        "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet",
+    ]  # fmt: skip
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "tidal-node-agent", "namespace": "gpu-system"}
+    ]
+    # exactly the calls the agent makes (an e2e test runs it with this role and no more)
+    grants = {(r, v) for rule in role["rules"] for r in rule["resources"] for v in rule["verbs"]}
+    assert grants == {
+        ("nodes", "get"), ("nodes", "patch"), ("pods", "list"), ("gputopologies", "get"),
+        ("gputopologies", "create"), ("gputopologies", "patch"),
+        ("gputopologies/status", "patch"),
+    }  # fmt: skip
+    pod = daemon["spec"]["template"]["spec"]
+    assert daemon["metadata"]["namespace"] == "gpu-system"
+    assert pod["nodeSelector"] == {"pool": "gpu"} and "runtimeClassName" not in pod
+    container = pod["containers"][0]
+    assert container["image"] == "reg/tidal:dev"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["TIDAL_GPU_RESOURCE"] == "x.io/gpu"
+    assert pod["tolerations"][0]["key"] == "x.io/gpu"
+    assert container["volumeMounts"][0]["mountPath"] == "/var/lib/kubelet/device-plugins"
+    defaults = yaml.safe_load_all(runner.invoke(app, ["node-agent", "manifests"]).output)
+    assert list(defaults)[3]["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
+    bad = runner.invoke(app, ["node-agent", "manifests", "--node-selector", "pool"])
+    assert bad.exit_code == 2 and "'pool' is not KEY=VALUE" in bad.output
+
+
 # -- GPUTopology object ------------------------------------------------------------------------
 
 

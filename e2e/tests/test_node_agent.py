@@ -24,12 +24,14 @@ import pytest
 import yaml
 from kubernetes import client
 
-from e2e.helpers import binaries_or_skip, fresh_namespace, wait_for
+from e2e.helpers import binaries_or_skip, fresh_namespace, service_account_kubeconfig, wait_for
 from tests.kubelet_double import KubeletDouble
 from tidal.devcluster import ClusterOptions, LocalCluster
 from tidal.devcluster.binaries import Binaries
 from tidal.devcluster.nodes import gpu_node, gpu_pod
+from tidal.kubeclient import api_client as api_client_for
 from tidal.node_agent.deviceplugin.v1beta1 import api_pb2 as api
+from tidal.node_agent.manifests import AgentDeployment, manifests
 from tidal.operator.kube import install
 
 GROUP, VERSION, PLURAL = "tidal.dev", "v1alpha1", "gputopologies"
@@ -369,3 +371,68 @@ def test_agent_restart_keeps_one_object_and_node_deletion_removes_it(
     agent.stop()
     core.delete_node("agent-odd")
     wait_for(lambda: topology(custom, "agent-odd") is None, "the GPUTopology garbage-collected", 60)
+
+
+def test_the_agent_runs_with_exactly_its_cluster_role(
+    agent_cluster: LocalCluster, core: Any, custom: Any, ns: str
+) -> None:
+    """`tidal node-agent manifests`: the agent, authenticated as its ServiceAccount, publishes,
+    labels its node and serves the device plugin with nothing but its ClusterRole; nothing more
+    is granted; the API server accepts the DaemonSet."""
+    api_client = agent_cluster.api_client()
+    settings = AgentDeployment(namespace=ns)
+    account, role, binding, daemon = manifests(settings)
+    rbac = client.RbacAuthorizationV1Api(api_client)
+    core.create_namespaced_service_account(ns, account)
+    rbac.create_cluster_role(role)
+    rbac.create_cluster_role_binding(binding)
+    node = gpu_node("agent-rbac", "dgx-h100")
+    del node["metadata"]["labels"]["tidal.dev/topology-preset"]
+    core.create_node(node)
+    try:
+        validated = client.AppsV1Api(api_client).create_namespaced_daemon_set(
+            ns, daemon, dry_run="All"
+        )
+        assert validated.spec.template.spec.service_account_name == account["metadata"]["name"]
+        kubeconfig = service_account_kubeconfig(
+            agent_cluster, ns, account["metadata"]["name"], agent_cluster.workdir / "sa.kubeconfig"
+        )
+        as_agent = client.AuthorizationV1Api(api_client_for(kubeconfig))
+        for verb, resource in (("delete", "pods"), ("get", "secrets"), ("delete", "nodes")):
+            review = {"spec": {"resourceAttributes": {"verb": verb, "resource": resource}}}
+            status = as_agent.create_self_subject_access_review(review).status
+            assert not status.allowed, f"the agent may {verb} {resource}"
+        with tempfile.TemporaryDirectory(prefix="tidal-dp-") as sockets:
+            kubelet = KubeletDouble(Path(sockets))
+            kubelet.start()
+            log = agent_cluster.log_dir / "node-agent-agent-rbac.log"
+            agent = Agent("agent-rbac", ["--fake", "dgx-h100"], log, Path(sockets), free_port())
+            agent.start(kubeconfig)
+            try:
+                status = published(custom, "agent-rbac")["status"]  # apply + status apply
+                assert status["healthyGPUs"] == "0,1,2,3,4,5,6,7"
+                labels = core.read_node("agent-rbac").metadata.labels
+                assert labels["tidal.dev/topology-class"] == "nvswitch"
+                wait_for(lambda: kubelet.requests, "the device plugin to register", 30)
+                ids = [d["uuid"] for d in status["devices"]]
+                preferred = kubelet.plugin("tidal-gpu.sock").GetPreferredAllocation(
+                    api.PreferredAllocationRequest(
+                        container_requests=[
+                            api.ContainerPreferredAllocationRequest(
+                                available_deviceIDs=ids, allocation_size=4
+                            )
+                        ]
+                    ),
+                    timeout=10,
+                )  # lists the node's pods as the agent: refused without `list pods`
+                assert len(preferred.container_responses[0].deviceIDs) == 4
+            finally:
+                agent.stop()
+                if kubelet.server is not None:
+                    kubelet.server.stop(0)
+        assert b"Forbidden" not in log.read_bytes()
+    finally:
+        core.delete_node("agent-rbac")
+        rbac.delete_cluster_role_binding(binding["metadata"]["name"])
+        rbac.delete_cluster_role(role["metadata"]["name"])
+        wait_for(lambda: topology(custom, "agent-rbac") is None, "its GPUTopology collected", 60)

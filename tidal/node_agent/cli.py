@@ -156,6 +156,47 @@ def run_command(
         raise typer.Exit(2) from None
 
 
+@app.command("manifests")
+def manifests_command(
+    namespace: Annotated[str, typer.Option(help="Namespace of the DaemonSet.")] = "tidal-system",
+    image: Annotated[
+        str | None, typer.Option(help="The tidal image (default tidal:<version>).")
+    ] = None,
+    node_selector: Annotated[
+        list[str] | None,
+        typer.Option(help="KEY=VALUE, repeatable; nodes that run the agent.", show_default=False),
+    ] = None,
+    resource: Annotated[str, typer.Option(help="Extended resource served.")] = "nvidia.com/gpu",
+    metrics_port: Annotated[int, typer.Option(min=1, max=65535)] = 9402,
+    runtime_class: Annotated[
+        str, typer.Option(help="RuntimeClass that mounts the NVIDIA driver; '' for none.")
+    ] = "nvidia",
+) -> None:
+    """Print the agent's ServiceAccount, ClusterRole, binding and DaemonSet as YAML."""
+    from tidal.node_agent.manifests import AgentDeployment, manifests  # noqa: PLC0415
+
+    defaults = AgentDeployment()
+    settings = AgentDeployment(
+        namespace=namespace,
+        image=image or defaults.image,
+        node_selector=_key_values(node_selector) if node_selector else defaults.node_selector,
+        resource=resource,
+        metrics_port=metrics_port,
+        runtime_class=runtime_class or None,
+    )
+    typer.echo(yaml.safe_dump_all(manifests(settings), sort_keys=False), nl=False)
+
+
+def _key_values(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--node-selector: {pair!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
 @app.command("standalone")
 def standalone_command(
     spec: Annotated[

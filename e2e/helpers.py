@@ -1,5 +1,5 @@
 """Small helpers for e2e tests: polling with a readable failure, binaries or skip, a namespace
-per test, a kubeconfig for a ServiceAccount."""
+per test."""
 
 from __future__ import annotations
 
@@ -7,12 +7,9 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import yaml
-from kubernetes import client
 
 from tidal.devcluster import Binaries, DevClusterError, find_binaries
 
@@ -52,18 +49,3 @@ def fresh_namespace(core: Any, prefix: str, drain_timeout_s: float = 60.0) -> It
     core.delete_namespace(name)
     wait_for(lambda: not core.list_namespaced_pod(name).items, f"namespace {name} to drain",
              drain_timeout_s)  # fmt: skip
-
-
-def service_account_kubeconfig(cluster: Any, namespace: str, name: str, path: Path) -> Path:
-    """A kubeconfig at ``path`` that authenticates as ServiceAccount ``namespace/name`` with a
-    bound token (TokenRequest API), so a component runs with exactly its RBAC."""
-    core = client.CoreV1Api(cluster.api_client())
-    request = {"spec": {"expirationSeconds": 3600}}
-    token = core.create_namespaced_service_account_token(name, namespace, request).status.token
-    config = yaml.safe_load(cluster.kubeconfig.read_text())
-    user = f"{namespace}-{name}"
-    config["users"] = [{"name": user, "user": {"token": token}}]
-    for context in config["contexts"]:
-        context["context"]["user"] = user
-    path.write_text(yaml.safe_dump(config))
-    return path

@@ -91,3 +91,31 @@ def test_scheduler_config_command_prints_tls_and_rejects_bad_urls() -> None:
         app, ["scheduler-config", "--extender-url", "http://x:1", "--ca-file", "/ca.crt"]
     )
     assert mixed.exit_code == 2 and "only applies to an https://" in mixed.output
+
+
+def test_extender_rbac_command_grants_exactly_the_extenders_calls() -> None:
+    result = CliRunner().invoke(app, ["extender-rbac", "--namespace", "sched"])
+    assert result.exit_code == 0, result.output
+    account, role, binding = yaml.safe_load_all(result.output)
+    assert (account["metadata"]["name"], account["metadata"]["namespace"]) == (
+        "tidal-extender", "sched",
+    )  # fmt: skip
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "tidal-extender", "namespace": "sched"}
+    ]
+    grants = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    # the e2e tests run the extender with this role only (the dev cluster gives it a token)
+    assert grants == {
+        ("", "nodes", "list"), ("", "nodes", "watch"),
+        ("", "pods", "list"), ("", "pods", "watch"), ("", "pods", "get"), ("", "pods", "patch"),
+        ("", "bindings", "create"), ("", "pods/status", "patch"),
+        ("", "pods/eviction", "create"), ("", "events", "create"),
+        ("policy", "poddisruptionbudgets", "list"), ("policy", "poddisruptionbudgets", "watch"),
+        ("tidal.dev", "gputopologies", "list"), ("tidal.dev", "gputopologies", "watch"),
+    }  # fmt: skip

@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import itertools
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tidal.operator.crds import custom_resource_definitions
 from tidal.operator.planner import plan_job, plan_service, scale_down_order, scheduled_replicas
@@ -379,3 +381,50 @@ def test_every_crd_has_short_names_the_tidal_category_and_a_status_subresource()
     assert crds["GPUTopology"]["spec"]["scope"] == "Cluster"
     scale = crds["LLMService"]["spec"]["versions"][0]["subresources"]["scale"]
     assert scale["specReplicasPath"] == ".spec.replicas"
+
+
+def test_kopf_logs_in_with_the_kubeconfigs_token_or_certificate(tmp_path: Path) -> None:
+    """A ServiceAccount token (the operator in a pod, or a token kubeconfig) must reach kopf:
+    without it kopf talks to the API server as system:anonymous."""
+    from tidal.kubeclient import api_client  # noqa: PLC0415
+    from tidal.operator.run import connection_info  # noqa: PLC0415
+
+    def kubeconfig(user: dict[str, str]) -> Path:
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.kubeconfig"
+        cluster = {"server": "https://127.0.0.1:6443", "insecure-skip-tls-verify": True}
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "c",
+            "clusters": [{"name": "k", "cluster": cluster}],
+            "users": [{"name": "u", "user": user}],
+            "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+        }))  # fmt: skip
+        return path
+
+    with_token = connection_info(api_client(kubeconfig({"token": "abc.def"})).configuration)
+    assert with_token.token == "abc.def"
+    assert with_token.server == "https://127.0.0.1:6443"
+    (tmp_path / "c.crt").write_text("x")
+    (tmp_path / "c.key").write_text("x")
+    user = {"client-certificate": str(tmp_path / "c.crt"), "client-key": str(tmp_path / "c.key")}
+    with_cert = connection_info(api_client(kubeconfig(user)).configuration)
+    assert with_cert.token is None
+    assert with_cert.certificate_path == str(tmp_path / "c.crt")
+
+
+def test_operator_manifests_cli_binds_its_role_to_its_service_account() -> None:
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from tidal.cli import app  # noqa: PLC0415
+
+    result = CliRunner().invoke(app, ["operator", "manifests", "--namespace", "ops"])
+    assert result.exit_code == 0, result.output
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(result.output)}
+    assert ("CustomResourceDefinition", "gputopologies.tidal.dev") in objects
+    account = objects["ServiceAccount", "tidal-operator"]
+    binding = objects["ClusterRoleBinding", "tidal-operator"]
+    assert account["metadata"]["namespace"] == "ops"
+    assert binding["roleRef"]["name"] == "tidal-operator"
+    assert ("ClusterRole", "tidal-operator") in objects
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "tidal-operator", "namespace": "ops"}
+    ]

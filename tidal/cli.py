@@ -28,7 +28,11 @@ from tidal.placement import (
     TopologyMode,
     make_policy,
 )
-from tidal.scheduler_extender.cli import extender_command, scheduler_config_command
+from tidal.scheduler_extender.cli import (
+    extender_command,
+    extender_rbac_command,
+    scheduler_config_command,
+)
 from tidal.simulator import Scenario, ScenarioError, load_scenario, simulate
 from tidal.simulator.data import DataError
 from tidal.topology import (
@@ -52,6 +56,7 @@ app.add_typer(operator_app, name="operator")
 app.add_typer(node_agent_app, name="node-agent")
 app.command("extender")(extender_command)
 app.command("scheduler-config")(scheduler_config_command)
+app.command("extender-rbac")(extender_rbac_command)
 console = Console()
 
 

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from e2e.helpers import binaries_or_skip, fresh_namespace, service_account_kubeconfig, wait_for
+from e2e.helpers import binaries_or_skip, fresh_namespace, wait_for
 from tests.kubelet_double import KubeletDouble
 from tidal.devcluster import ClusterOptions, LocalCluster
 from tidal.devcluster.binaries import Binaries
@@ -382,10 +382,7 @@ def test_the_agent_runs_with_exactly_its_cluster_role(
     api_client = agent_cluster.api_client()
     settings = AgentDeployment(namespace=ns)
     account, role, binding, daemon = manifests(settings)
-    rbac = client.RbacAuthorizationV1Api(api_client)
-    core.create_namespaced_service_account(ns, account)
-    rbac.create_cluster_role(role)
-    rbac.create_cluster_role_binding(binding)
+    agent_cluster.create_objects([account, role, binding])
     node = gpu_node("agent-rbac", "dgx-h100")
     del node["metadata"]["labels"]["tidal.dev/topology-preset"]
     core.create_node(node)
@@ -394,8 +391,8 @@ def test_the_agent_runs_with_exactly_its_cluster_role(
             ns, daemon, dry_run="All"
         )
         assert validated.spec.template.spec.service_account_name == account["metadata"]["name"]
-        kubeconfig = service_account_kubeconfig(
-            agent_cluster, ns, account["metadata"]["name"], agent_cluster.workdir / "sa.kubeconfig"
+        kubeconfig = agent_cluster.service_account_kubeconfig(
+            ns, account["metadata"]["name"], agent_cluster.workdir / "sa.kubeconfig"
         )
         as_agent = client.AuthorizationV1Api(api_client_for(kubeconfig))
         for verb, resource in (("delete", "pods"), ("get", "secrets"), ("delete", "nodes")):
@@ -433,6 +430,7 @@ def test_the_agent_runs_with_exactly_its_cluster_role(
         assert b"Forbidden" not in log.read_bytes()
     finally:
         core.delete_node("agent-rbac")
+        rbac = client.RbacAuthorizationV1Api(api_client)
         rbac.delete_cluster_role_binding(binding["metadata"]["name"])
         rbac.delete_cluster_role(role["metadata"]["name"])
         wait_for(lambda: topology(custom, "agent-rbac") is None, "its GPUTopology collected", 60)

@@ -28,6 +28,7 @@ from tidal.scheduler_extender.schedconfig import (
 STAGES_FILE = Path(__file__).with_name("kwok-stages.yaml")
 STATE_FILE = "state.json"
 SERVICE_CIDR = "10.96.0.0/16"
+SYSTEM_NS = "tidal-system"  # where tidal's own components' ServiceAccounts live
 # Components in start order; stop goes in reverse.
 # Popen objects of detached clusters, kept so their finalizers never run while we live.
 _DETACHED: list[subprocess.Popen[bytes]] = []
@@ -54,7 +55,7 @@ class ClusterOptions:
     controller_manager: bool = False  # garbage collection, Jobs, ServiceAccounts
     extender: ExtenderConfig | None = None  # an extender running elsewhere
     run_extender: bool = False  # run `tidal extender` as a component and point the scheduler at it
-    run_operator: bool = False  # run `tidal operator run --install-crds` as a component
+    run_operator: bool = False  # install the CRDs, run `tidal operator run` as a component
     extender_tls: bool = False  # serve the extender over HTTPS (the apiserver's certificate)
     scheduler_qps: int = 5000  # client-go's 50/100 defaults cap scheduling throughput
     startup_timeout_s: float = 90.0
@@ -209,6 +210,43 @@ class LocalCluster:
         configuration.connection_pool_maxsize = pool_size
         return client.ApiClient(configuration)
 
+    def service_account_kubeconfig(self, namespace: str, name: str, path: Path) -> Path:
+        """Write a kubeconfig that authenticates as ServiceAccount ``namespace/name`` with a
+        bound token (TokenRequest API, valid a day), so a component runs with exactly its
+        RBAC."""
+        from kubernetes import client  # noqa: PLC0415
+
+        core = client.CoreV1Api(self.api_client())
+        request = {"spec": {"expirationSeconds": 86400}}
+        token = core.create_namespaced_service_account_token(name, namespace, request).status.token
+        config = yaml.safe_load(self.kubeconfig.read_text())
+        user = f"{namespace}-{name}"
+        config["users"] = [{"name": user, "user": {"token": token}}]
+        for context in config["contexts"]:
+            context["context"]["user"] = user
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def create_objects(self, objects: Iterable[dict[str, Any]]) -> None:
+        """Create namespaces, ServiceAccounts and RBAC objects; existing ones are kept."""
+        from kubernetes import utils  # noqa: PLC0415
+
+        api = self.api_client()
+        for obj in objects:
+            try:
+                utils.create_from_dict(api, obj)
+            except utils.FailToCreateError as error:
+                if any(getattr(e, "status", None) != 409 for e in error.api_exceptions):
+                    raise
+
+    def _run_extender_as_its_service_account(self, path: Path) -> None:
+        """The extender gets its own ServiceAccount and ClusterRole (``tidal extender-rbac``)
+        and a token for it: every e2e test and benchmark checks that role is enough."""
+        from tidal.scheduler_extender.manifests import NAME, rbac  # noqa: PLC0415
+
+        self.create_objects([self._system_namespace(), *rbac(SYSTEM_NS)])
+        self.service_account_kubeconfig(SYSTEM_NS, NAME, path)
+
     def add_gpu_nodes(self, nodes: Iterable[tuple[str, str]], workers: int = 16) -> list[str]:
         """Create (name, preset) KWOK GPU nodes; an existing node of that name is kept."""
         from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
@@ -356,6 +394,7 @@ class LocalCluster:
         ]
         extender_url = self.options.extender.url_prefix if self.options.extender else ""
         if self.options.run_extender:
+            extender_kubeconfig = self.workdir / "tidal-extender.kubeconfig"
             components.append(
                 Component(
                     "tidal-extender",
@@ -364,7 +403,7 @@ class LocalCluster:
                         "-m",
                         "tidal",
                         "extender",
-                        f"--kubeconfig={kubeconfig}",
+                        f"--kubeconfig={extender_kubeconfig}",
                         f"--port={ports['extender']}",
                         # the apiserver's serving pair is valid for 127.0.0.1 too
                         *(
@@ -377,6 +416,7 @@ class LocalCluster:
                     lambda: http_ok(
                         f"{extender_url}/readyz", api_tls if self.options.extender_tls else None
                     ),
+                    prepare=lambda: self._run_extender_as_its_service_account(extender_kubeconfig),
                 )
             )
         if self.options.controller_manager:
@@ -438,6 +478,7 @@ class LocalCluster:
 
     def _operator(self, port: int) -> Component:
         liveness = f"http://127.0.0.1:{port}/healthz"
+        kubeconfig = self.workdir / "tidal-operator.kubeconfig"
         return Component(
             "tidal-operator",
             [
@@ -446,10 +487,25 @@ class LocalCluster:
                 "tidal",
                 "operator",
                 "run",
-                f"--kubeconfig={self.kubeconfig}",
+                f"--kubeconfig={kubeconfig}",
                 f"--liveness={liveness}",
-                "--install-crds",
             ],
             self.log_dir / "tidal-operator.log",
             lambda: http_ok(liveness),
+            prepare=lambda: self._run_operator_as_its_service_account(kubeconfig),
         )
+
+    def _run_operator_as_its_service_account(self, path: Path) -> None:
+        """An administrator installs the CRDs, PriorityClasses and the operator's ClusterRole
+        (``tidal operator install-crds``); the operator then runs with a token of its own
+        ServiceAccount, so the operator e2e tests check that role is enough."""
+        from tidal.operator.crds import operator_identity  # noqa: PLC0415
+        from tidal.operator.kube import install  # noqa: PLC0415
+
+        install(self.api_client())
+        self.create_objects([self._system_namespace(), *operator_identity(SYSTEM_NS)])
+        self.service_account_kubeconfig(SYSTEM_NS, "tidal-operator", path)
+
+    @staticmethod
+    def _system_namespace() -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NS}}

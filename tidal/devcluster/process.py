@@ -76,8 +76,11 @@ class Component:
     healthy: Callable[[], bool]
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     pid: int | None = None
+    prepare: Callable[[], None] | None = field(default=None, repr=False)  # before each start
 
     def start(self) -> None:
+        if self.prepare is not None:
+            self.prepare()
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
             # A session of its own: the process survives the CLI that started it (dev-cluster

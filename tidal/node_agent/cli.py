@@ -160,7 +160,8 @@ def run_command(
 def manifests_command(
     namespace: Annotated[str, typer.Option(help="Namespace of the DaemonSet.")] = "tidal-system",
     image: Annotated[
-        str | None, typer.Option(help="The tidal image (default tidal:<version>).")
+        str | None,
+        typer.Option(help="The tidal image (default ghcr.io/tidal-llm/tidal:<version>)."),
     ] = None,
     node_selector: Annotated[
         list[str] | None,

@@ -33,7 +33,8 @@ class AgentDeployment:
     """The settings a cluster administrator picks; defaults fit a GPU Operator cluster."""
 
     namespace: str = "tidal-system"
-    image: str = f"tidal:{__version__}"  # no image is published yet: build and push your own
+    # the registry of the operator's worker image; nothing is published there yet: build your own
+    image: str = f"ghcr.io/tidal-llm/tidal:{__version__}"
     # GPU Feature Discovery's label; every node with an NVIDIA GPU carries it
     node_selector: dict[str, str] = field(
         default_factory=lambda: {"nvidia.com/gpu.present": "true"}

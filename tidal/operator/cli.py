@@ -80,8 +80,14 @@ def install_command(kubeconfig: Kubeconfig = None) -> None:
 
 
 @app.command("manifests")
-def manifests_command() -> None:
-    """Print the CRDs, PriorityClasses and ClusterRole as YAML (for kubectl apply or a chart)."""
-    from tidal.operator.crds import manifests  # noqa: PLC0415
+def manifests_command(
+    namespace: Annotated[
+        str, typer.Option(help="Namespace of the operator's ServiceAccount.")
+    ] = "tidal-system",
+) -> None:
+    """Print the CRDs, PriorityClasses, the operator's ClusterRole, ServiceAccount and binding
+    as YAML (for kubectl apply or a chart)."""
+    from tidal.operator.crds import manifests, operator_identity  # noqa: PLC0415
 
-    typer.echo(yaml.safe_dump_all(manifests(), sort_keys=False), nl=False)
+    objects = [*manifests(), *operator_identity(namespace)]
+    typer.echo(yaml.safe_dump_all(objects, sort_keys=False), nl=False)

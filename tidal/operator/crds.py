@@ -576,6 +576,26 @@ def kopf_peering_crd() -> dict[str, Any]:
     }
 
 
+def operator_identity(namespace: str) -> list[dict[str, Any]]:
+    """The operator's ServiceAccount and its binding to :func:`operator_cluster_role`."""
+    name = "tidal-operator"
+    rbac = "rbac.authorization.k8s.io"
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": name, "namespace": namespace},
+        },
+        {
+            "apiVersion": f"{rbac}/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+        },
+    ]
+
+
 def manifests() -> list[dict[str, Any]]:
     """Everything the operator needs installed before it runs."""
     return [

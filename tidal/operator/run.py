@@ -28,15 +28,20 @@ class OperatorOptions:
 
 
 def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
-    """kopf's credentials from the kubernetes client's: one kubeconfig for both."""
-    token = (configuration.api_key or {}).get("authorization", "")
+    """kopf's credentials from the kubernetes client's: one kubeconfig for both. The client
+    keeps a bearer token under "BearerToken" (older releases: "authorization"); asking through
+    get_api_key_with_prefix also runs its refresh hook, so a rotated in-cluster token is
+    re-read when kopf logs in again after a 401."""
+    header = configuration.get_api_key_with_prefix("BearerToken", alias="authorization") or ""
+    scheme, _, credentials = header.partition(" ")
+    token = credentials if scheme.lower() == "bearer" else header
     return kopf.ConnectionInfo(
         server=configuration.host,
         ca_path=configuration.ssl_ca_cert,
         insecure=not configuration.verify_ssl,
         certificate_path=configuration.cert_file,
         private_key_path=configuration.key_file,
-        token=token.removeprefix("Bearer ").strip() or None,
+        token=token.strip() or None,
     )
 
 

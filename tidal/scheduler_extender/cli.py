@@ -109,3 +109,16 @@ def scheduler_config_command(
         extender, kubeconfig=kubeconfig, qps=qps, leader_elect=leader_elect
     )
     typer.echo(yaml.safe_dump(config, sort_keys=False), nl=False)
+
+
+def extender_rbac_command(
+    namespace: Annotated[
+        str, typer.Option(help="Namespace of the extender's ServiceAccount.")
+    ] = "tidal-system",
+) -> None:
+    """Print the extender's ServiceAccount, least-privilege ClusterRole and binding as YAML."""
+    import yaml  # noqa: PLC0415
+
+    from tidal.scheduler_extender.manifests import rbac  # noqa: PLC0415
+
+    typer.echo(yaml.safe_dump_all(rbac(namespace), sort_keys=False), nl=False)

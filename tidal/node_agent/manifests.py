@@ -13,19 +13,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tidal import __version__
+from tidal import rbac as identity
 
 NAME = "tidal-node-agent"
 GROUP = "tidal.dev"
 PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
-APP_LABELS = {
-    "app.kubernetes.io/name": NAME,
-    "app.kubernetes.io/part-of": "tidal",
-    "app.kubernetes.io/component": "node-agent",
-}
+LABELS = identity.app_labels(NAME, "node-agent")
 
 
 def _labels() -> dict[str, str]:
-    return dict(APP_LABELS)  # a fresh dict per object, or YAML writes anchors and aliases
+    return dict(LABELS)  # a fresh dict per object, or YAML writes anchors and aliases
 
 
 @dataclass(frozen=True)
@@ -45,11 +42,10 @@ class AgentDeployment:
 
 
 def cluster_role() -> dict[str, Any]:
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRole",
-        "metadata": {"name": NAME, "labels": _labels()},
-        "rules": [
+    return identity.cluster_role(
+        NAME,
+        LABELS,
+        [
             {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]},
             {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
             {
@@ -59,25 +55,7 @@ def cluster_role() -> dict[str, Any]:
             },
             {"apiGroups": [GROUP], "resources": ["gputopologies/status"], "verbs": ["patch"]},
         ],
-    }
-
-
-def service_account(settings: AgentDeployment) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": {"name": NAME, "namespace": settings.namespace, "labels": _labels()},
-    }
-
-
-def cluster_role_binding(settings: AgentDeployment) -> dict[str, Any]:
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRoleBinding",
-        "metadata": {"name": NAME, "labels": _labels()},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": NAME},
-        "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": settings.namespace}],
-    }
+    )
 
 
 def daemon_set(settings: AgentDeployment) -> dict[str, Any]:
@@ -148,8 +126,8 @@ def _container(settings: AgentDeployment) -> dict[str, Any]:
 def manifests(settings: AgentDeployment) -> list[dict[str, Any]]:
     """Everything to apply, in order (the GPUTopology CRD comes with the operator's CRDs)."""
     return [
-        service_account(settings),
+        identity.service_account(NAME, settings.namespace, LABELS),
         cluster_role(),
-        cluster_role_binding(settings),
+        identity.cluster_role_binding(NAME, settings.namespace, LABELS),
         daemon_set(settings),
     ]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tidal.rbac import app_labels, cluster_role_binding, service_account
+
 GROUP = "tidal.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -20,6 +22,7 @@ TOPOLOGY_MODES = ["guaranteed", "best-effort", "none"]
 TOPOLOGY_TIERS = ["nvlink", "pcie-switch", "numa", "socket", "node", "rack"]
 ONLINE_PRIORITY_CLASS = "tidal-online"
 BATCH_PRIORITY_CLASS = "tidal-batch"
+OPERATOR = "tidal-operator"  # its ServiceAccount, ClusterRole and binding
 DEFAULT_IMAGE = "ghcr.io/tidal-llm/tidal-worker:0.1.0"
 _URI_PATTERN = r"^(hf|s3|gs|az|pvc|file|https?)://.+"
 _CLOCK_PATTERN = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"
@@ -490,7 +493,7 @@ def operator_cluster_role() -> dict[str, Any]:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
-        "metadata": {"name": "tidal-operator"},
+        "metadata": {"name": OPERATOR},
         "rules": [
             {
                 "apiGroups": [GROUP],
@@ -578,21 +581,10 @@ def kopf_peering_crd() -> dict[str, Any]:
 
 def operator_identity(namespace: str) -> list[dict[str, Any]]:
     """The operator's ServiceAccount and its binding to :func:`operator_cluster_role`."""
-    name = "tidal-operator"
-    rbac = "rbac.authorization.k8s.io"
+    labels = app_labels(OPERATOR, "operator")
     return [
-        {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": {"name": name, "namespace": namespace},
-        },
-        {
-            "apiVersion": f"{rbac}/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": name},
-            "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
-        },
+        service_account(OPERATOR, namespace, labels),
+        cluster_role_binding(OPERATOR, namespace, labels),
     ]
 
 

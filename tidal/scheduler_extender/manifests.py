@@ -11,21 +11,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from tidal import rbac as identity
+
 NAME = "tidal-extender"
-LABELS = {
-    "app.kubernetes.io/name": NAME,
-    "app.kubernetes.io/part-of": "tidal",
-    "app.kubernetes.io/component": "scheduler-extender",
-}
+LABELS = identity.app_labels(NAME, "scheduler-extender")
 
 
 def cluster_role() -> dict[str, Any]:
     watch = ["list", "watch"]
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRole",
-        "metadata": {"name": NAME, "labels": dict(LABELS)},
-        "rules": [
+    return identity.cluster_role(
+        NAME,
+        LABELS,
+        [
             {"apiGroups": [""], "resources": ["nodes"], "verbs": watch},
             {"apiGroups": [""], "resources": ["pods"], "verbs": [*watch, "get", "patch"]},
             {"apiGroups": [""], "resources": ["bindings"], "verbs": ["create"]},
@@ -35,26 +32,12 @@ def cluster_role() -> dict[str, Any]:
             {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": watch},
             {"apiGroups": ["tidal.dev"], "resources": ["gputopologies"], "verbs": watch},
         ],
-    }
-
-
-def service_account(namespace: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": {"name": NAME, "namespace": namespace, "labels": dict(LABELS)},
-    }
-
-
-def cluster_role_binding(namespace: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRoleBinding",
-        "metadata": {"name": NAME, "labels": dict(LABELS)},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": NAME},
-        "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": namespace}],
-    }
+    )
 
 
 def rbac(namespace: str) -> list[dict[str, Any]]:
-    return [service_account(namespace), cluster_role(), cluster_role_binding(namespace)]
+    return [
+        identity.service_account(NAME, namespace, LABELS),
+        cluster_role(),
+        identity.cluster_role_binding(NAME, namespace, LABELS),
+    ]

@@ -81,7 +81,7 @@ def _attention_kernel(  # type: ignore[no-untyped-def]
     q = tl.load(
         q_ptr + b * stride_qb + h * stride_qh
         + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-        mask=rows_in[:, None], other=0,
+        mask=rows_in[:, None], other=0.0,
     )  # fmt: skip
     if QK_MODE != 1:  # scaled 8-bit Q (int8 or fp8): one scale per token
         q_scale = tl.load(q_scale_ptr + bh * seq_q + offs_m, mask=rows_in, other=0.0)
@@ -99,7 +99,7 @@ def _attention_kernel(  # type: ignore[no-untyped-def]
         cols_in = cols < seq_k
         k = tl.load(
             k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-            mask=cols_in[:, None], other=0,
+            mask=cols_in[:, None], other=0.0,
         )  # fmt: skip
         if QK_MODE == 0:  # int8
             k_scale = tl.load(k_scale_ptr + kv * seq_k + cols, mask=cols_in, other=0.0)
@@ -122,7 +122,7 @@ def _attention_kernel(  # type: ignore[no-untyped-def]
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(
             v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            mask=cols_in[:, None], other=0,
+            mask=cols_in[:, None], other=0.0,
         )  # fmt: skip
         pv = _probabilities_times_v(p, v, P_MODE)
         acc = acc * alpha[:, None] + pv

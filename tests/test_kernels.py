@@ -35,28 +35,9 @@ from tidal.inference_worker.kernels import (
 )
 from tidal.inference_worker.kernels import attention as attention_module
 from tidal.inference_worker.kernels.launch import autotune_space
+from tidal.inference_worker.kernels.reference import make_inputs
 
 TARGET = {"fp16": 1e-2, "int8_rowblock": 2e-2, "int8_static": 3.5e-2}
-
-
-def make_inputs(
-    kind: str, n: int, d: int, q_heads: int = 2, kv_heads: int = 2, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """randn; the paper's uniform [0, 1); K with a few large outlier channels plus a bias on
-    every channel; peaky logits (query scaled 3x: score std about 3)."""
-    g = torch.Generator().manual_seed(seed)
-    shape_q, shape_kv = (1, q_heads, n, d), (1, kv_heads, n, d)
-    if kind == "uniform":
-        return (torch.rand(shape_q, generator=g), torch.rand(shape_kv, generator=g),
-                torch.rand(shape_kv, generator=g))  # fmt: skip
-    q, k, v = (torch.randn(s, generator=g) for s in (shape_q, shape_kv, shape_kv))
-    if kind == "biased":
-        outliers = torch.randperm(d, generator=g)[:4]
-        k = k + 2 * torch.randn(d, generator=g)
-        k[..., outliers] += 20.0
-    elif kind == "peaky":
-        q = q * 3.0
-    return q, k, v
 
 
 def error(
@@ -254,3 +235,18 @@ def test_benchmark_script_runs_end_to_end_in_smoke_mode(tmp_path: Path) -> None:
     assert '"chained int8 dot (triton #3580)": "ok"' in text
     for method in ("triton-fp16", "ours-int8_rowblock kernel", "ours-int8_static +quant"):
         assert f"| {method} |" in text
+
+
+def test_accuracy_script_prints_every_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/kernel_accuracy.py makes the accuracy table of bench/RESULTS.md."""
+    path = Path(__file__).parents[1] / "bench" / "kernel_accuracy.py"
+    spec = importlib.util.spec_from_file_location("kernel_accuracy", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--kinds", "randn", "--n", "70"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1].split("|")
+    cells = [c.strip() for c in row[3:-1]]
+    assert row[1].strip() == "randn" and len(cells) == 6
+    assert all(float(c) < 3e-2 for c in cells[:3]) and cells[3:5] == ["-", "-"]  # no fp8 on CPU
+    assert 1e-2 < float(cells[5]) < 6e-2  # e4m3 P and V, emulated in PyTorch

@@ -1,4 +1,5 @@
-"""The float64 reference every kernel is measured against, and the error metrics."""
+"""The float64 reference every kernel is measured against, the error metrics, and the input
+distributions of KERNELS.md."""
 
 from __future__ import annotations
 
@@ -31,3 +32,29 @@ def relative_l2(output: torch.Tensor, reference: torch.Tensor) -> float:
 def cosine_similarity(output: torch.Tensor, reference: torch.Tensor) -> float:
     a, b = output.double().flatten(), reference.double().flatten()
     return float(a @ b / (a.norm() * b.norm()))
+
+
+INPUT_KINDS = ("randn", "uniform", "biased", "peaky")
+
+
+def make_inputs(
+    kind: str, n: int, d: int, q_heads: int = 2, kv_heads: int = 2, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 (1, heads, n, d) q, k, v: randn; the paper's uniform [0, 1); K with a few large
+    outlier channels plus a bias on every channel ("biased"); peaky logits (query scaled 3x:
+    score std about 3)."""
+    if kind not in INPUT_KINDS:
+        raise ValueError(f"input kind {kind!r} is not one of {', '.join(INPUT_KINDS)}")
+    g = torch.Generator().manual_seed(seed)
+    shape_q, shape_kv = (1, q_heads, n, d), (1, kv_heads, n, d)
+    if kind == "uniform":
+        return (torch.rand(shape_q, generator=g), torch.rand(shape_kv, generator=g),
+                torch.rand(shape_kv, generator=g))  # fmt: skip
+    q, k, v = (torch.randn(s, generator=g) for s in (shape_q, shape_kv, shape_kv))
+    if kind == "biased":
+        outliers = torch.randperm(d, generator=g)[:4]
+        k = k + 2 * torch.randn(d, generator=g)
+        k[..., outliers] += 20.0
+    elif kind == "peaky":
+        q = q * 3.0
+    return q, k, v

@@ -150,16 +150,6 @@ def cluster(agent_cluster: LocalCluster) -> LocalCluster:
 
 
 @pytest.fixture
-def core(cluster: LocalCluster) -> Any:
-    return client.CoreV1Api(cluster.api_client())
-
-
-@pytest.fixture
-def custom(cluster: LocalCluster) -> Any:
-    return client.CustomObjectsApi(cluster.api_client())
-
-
-@pytest.fixture
 def ns(core: Any) -> Iterator[str]:
     yield from fresh_namespace(core, "agent")
 

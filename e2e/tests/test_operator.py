@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import yaml
-from kubernetes import client
 
 from e2e.helpers import binaries_or_skip, fresh_namespace, wait_for
 from tidal.devcluster import ClusterOptions, LocalCluster
@@ -50,16 +49,6 @@ def op_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluste
 def cluster(op_cluster: LocalCluster) -> LocalCluster:
     """Named `cluster` so a failure report carries the control-plane and operator logs."""
     return op_cluster
-
-
-@pytest.fixture
-def core(cluster: LocalCluster) -> Any:
-    return client.CoreV1Api(cluster.api_client())
-
-
-@pytest.fixture
-def custom(cluster: LocalCluster) -> Any:
-    return client.CustomObjectsApi(cluster.api_client())
 
 
 @pytest.fixture

@@ -239,13 +239,20 @@ class LocalCluster:
                 if any(getattr(e, "status", None) != 409 for e in error.api_exceptions):
                     raise
 
-    def _run_extender_as_its_service_account(self, path: Path) -> None:
-        """The extender gets its own ServiceAccount and ClusterRole (``tidal extender-rbac``)
-        and a token for it: every e2e test and benchmark checks that role is enough."""
+    def _run_as_service_account(
+        self, name: str, identity: Iterable[dict[str, Any]], path: Path
+    ) -> None:
+        """Create a component's ServiceAccount and RBAC objects in ``SYSTEM_NS`` and write a
+        kubeconfig with a token of that account at ``path``: the e2e tests and benchmarks then
+        check that the component's role is enough."""
+        namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NS}}
+        self.create_objects([namespace, *identity])
+        self.service_account_kubeconfig(SYSTEM_NS, name, path)
+
+    def _prepare_extender(self, path: Path) -> None:
         from tidal.scheduler_extender.manifests import NAME, rbac  # noqa: PLC0415
 
-        self.create_objects([self._system_namespace(), *rbac(SYSTEM_NS)])
-        self.service_account_kubeconfig(SYSTEM_NS, NAME, path)
+        self._run_as_service_account(NAME, rbac(SYSTEM_NS), path)
 
     def add_gpu_nodes(self, nodes: Iterable[tuple[str, str]], workers: int = 16) -> list[str]:
         """Create (name, preset) KWOK GPU nodes; an existing node of that name is kept."""
@@ -416,7 +423,7 @@ class LocalCluster:
                     lambda: http_ok(
                         f"{extender_url}/readyz", api_tls if self.options.extender_tls else None
                     ),
-                    prepare=lambda: self._run_extender_as_its_service_account(extender_kubeconfig),
+                    prepare=lambda: self._prepare_extender(extender_kubeconfig),
                 )
             )
         if self.options.controller_manager:
@@ -492,20 +499,14 @@ class LocalCluster:
             ],
             self.log_dir / "tidal-operator.log",
             lambda: http_ok(liveness),
-            prepare=lambda: self._run_operator_as_its_service_account(kubeconfig),
+            prepare=lambda: self._prepare_operator(kubeconfig),
         )
 
-    def _run_operator_as_its_service_account(self, path: Path) -> None:
-        """An administrator installs the CRDs, PriorityClasses and the operator's ClusterRole
-        (``tidal operator install-crds``); the operator then runs with a token of its own
-        ServiceAccount, so the operator e2e tests check that role is enough."""
-        from tidal.operator.crds import operator_identity  # noqa: PLC0415
+    def _prepare_operator(self, path: Path) -> None:
+        """As an administrator would (``tidal operator install-crds``): the CRDs,
+        PriorityClasses and the operator's ClusterRole first; the operator runs without them."""
+        from tidal.operator.crds import OPERATOR, operator_identity  # noqa: PLC0415
         from tidal.operator.kube import install  # noqa: PLC0415
 
         install(self.api_client())
-        self.create_objects([self._system_namespace(), *operator_identity(SYSTEM_NS)])
-        self.service_account_kubeconfig(SYSTEM_NS, "tidal-operator", path)
-
-    @staticmethod
-    def _system_namespace() -> dict[str, Any]:
-        return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NS}}
+        self._run_as_service_account(OPERATOR, operator_identity(SYSTEM_NS), path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tidal.rbac import app_labels, cluster_role_binding, service_account
+from tidal.rbac import app_labels, cluster_role, cluster_role_binding, service_account
 
 GROUP = "tidal.dev"
 VERSION = "v1alpha1"
@@ -490,11 +490,10 @@ def priority_classes() -> list[dict[str, Any]]:
 def operator_cluster_role() -> dict[str, Any]:
     """Least privilege for ``tidal operator run``."""
     tidal_resources = ["llmservices", "llmbatchjobs"]
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRole",
-        "metadata": {"name": OPERATOR},
-        "rules": [
+    return cluster_role(
+        OPERATOR,
+        app_labels(OPERATOR, "operator"),
+        [
             {
                 "apiGroups": [GROUP],
                 "resources": tidal_resources,
@@ -539,7 +538,7 @@ def operator_cluster_role() -> dict[str, Any]:
                 "verbs": ["get", "create"],
             },
         ],
-    }
+    )
 
 
 def kopf_peering_crd() -> dict[str, Any]:

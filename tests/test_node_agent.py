@@ -124,7 +124,7 @@ def test_manifests_cli_prints_the_rbac_and_daemonset_with_the_chosen_settings() 
     # exactly the calls the agent makes (an e2e test runs it with this role and no more)
     grants = {(r, v) for rule in role["rules"] for r in rule["resources"] for v in rule["verbs"]}
     assert grants == {
-        ("nodes", "get"), ("nodes", "patch"), ("pods", "list"), ("gputopologies", "get"),
+        ("nodes", "get"), ("nodes", "patch"), ("pods", "list"),
         ("gputopologies", "create"), ("gputopologies", "patch"),
         ("gputopologies/status", "patch"),
     }  # fmt: skip

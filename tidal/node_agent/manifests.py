@@ -51,7 +51,7 @@ def cluster_role() -> dict[str, Any]:
             {
                 "apiGroups": [GROUP],
                 "resources": ["gputopologies"],
-                "verbs": ["get", "create", "patch"],
+                "verbs": ["create", "patch"],
             },
             {"apiGroups": [GROUP], "resources": ["gputopologies/status"], "verbs": ["patch"]},
         ],

@@ -74,13 +74,18 @@ def test_scheduler_config_command_prints_tls_and_rejects_bad_urls() -> None:
     result = runner.invoke(
         app,
         ["scheduler-config", "--extender-url", "https://tidal-extender.tidal:8888",
-         "--ca-file", "/etc/tidal/ca.crt", "--leader-elect"],
+         "--ca-file", "/etc/tidal/ca.crt", "--client-cert", "/etc/tidal/client.crt",
+         "--client-key", "/etc/tidal/client.key", "--leader-elect"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     config = yaml.safe_load(result.output)
     extender = config["extenders"][0]
     assert extender["enableHTTPS"] is True
-    assert extender["tlsConfig"] == {"caFile": "/etc/tidal/ca.crt"}
+    assert extender["tlsConfig"] == {
+        "caFile": "/etc/tidal/ca.crt",
+        "certFile": "/etc/tidal/client.crt",
+        "keyFile": "/etc/tidal/client.key",
+    }
     assert extender["managedResources"] == [{"name": "nvidia.com/gpu", "ignoredByScheduler": False}]
     assert config["percentageOfNodesToScore"] == 100
     assert "kubeconfig" not in config["clientConnection"]  # in-cluster
@@ -90,7 +95,12 @@ def test_scheduler_config_command_prints_tls_and_rejects_bad_urls() -> None:
     mixed = runner.invoke(
         app, ["scheduler-config", "--extender-url", "http://x:1", "--ca-file", "/ca.crt"]
     )
-    assert mixed.exit_code == 2 and "only applies to an https://" in mixed.output
+    assert mixed.exit_code == 2 and "only apply to an https://" in mixed.output
+    half = runner.invoke(
+        app,
+        ["scheduler-config", "--extender-url", "https://x:1", "--client-cert", "/c.crt"],
+    )
+    assert half.exit_code == 2 and "go together" in half.output
 
 
 def test_extender_rbac_command_grants_exactly_the_extenders_calls() -> None:

@@ -15,6 +15,7 @@ from tidal.node_agent.facts import fake_facts
 from tidal.node_agent.publish import Discovery, gpu_topology
 from tidal.scheduler_extender.cache import ClusterCache
 from tidal.scheduler_extender.extender import ApiError, Extender, ExtenderSettings
+from tidal.scheduler_extender.translate import RESERVATION, reservation_message
 from tidal.scheduler_extender.wire import (
     BindArgs,
     WireError,
@@ -44,6 +45,7 @@ def pod(
         notes["tidal.dev/topology-mode"] = "guaranteed"
     spec: dict[str, Any] = {
         "priority": priority,
+        "schedulerName": "tidal-scheduler",
         "containers": [{"name": "w", "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}],
     }
     if node:
@@ -79,15 +81,19 @@ class FakeCluster:
     def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.pods.get(name)
 
-    def annotate_pod(self, namespace: str, name: str, values: dict[str, str | None]) -> None:
-        self.calls.append(("annotate", name))
-        notes = self.pods[name]["metadata"]["annotations"]
-        for key, value in values.items():
-            if value is None:
-                notes.pop(key, None)
-            else:
-                notes[key] = value
+    def _condition(self, name: str, condition: dict[str, str]) -> None:
+        status = self.pods[name].setdefault("status", {})
+        others = [c for c in status.get("conditions", []) if c["type"] != condition["type"]]
+        status["conditions"] = [*others, condition]
         self.cache.upsert_pod(self.pods[name])
+
+    def set_reservation(self, namespace: str, name: str, message: str) -> None:
+        self.calls.append(("reserve", name))
+        self._condition(name, {"type": RESERVATION, "status": "True", "message": message})
+
+    def end_reservation(self, namespace: str, name: str, reason: str) -> None:
+        self.calls.append((f"end-reservation:{reason}", name))
+        self._condition(name, {"type": RESERVATION, "status": "False", "reason": reason})
 
     def bind(
         self, namespace: str, name: str, uid: str, node: str, annotations: dict[str, str]
@@ -148,10 +154,10 @@ def test_filter_args_accept_any_casing(keys: tuple[str, str]) -> None:
 
 
 def test_full_node_list_mode_answers_with_node_objects(cluster: Any) -> None:
-    extender, _ = cluster
+    extender, fake = cluster
     nodes = [gpu_node("cube-a", "dgx1-v100"), gpu_node("ghost", "dgx1-v100")]
     result = extender.filter(
-        parse_filter({"pod": pod("p", 4, guaranteed=True), "nodes": {"items": nodes}})
+        parse_filter({"pod": fake.add(pod("p", 4, guaranteed=True)), "nodes": {"items": nodes}})
     )
     assert [n["metadata"]["name"] for n in result["Nodes"]["items"]] == ["cube-a"]
     assert result["NodeNames"] is None
@@ -193,12 +199,11 @@ def test_filter_passes_only_nodes_with_a_free_aligned_set(cluster: Any) -> None:
     extender, fake = cluster
     for i, gpu in enumerate((0, 1, 4, 5)):
         fake.add(pod(f"b{i}", 1, node="cube-a", held=[gpu]))
-    result = extender.filter(
-        filter_args(pod("tp4", 4, priority=ONLINE, guaranteed=True), ["cube-a", "cube-b"])
-    )
+    tp4 = fake.add(pod("tp4", 4, priority=ONLINE, guaranteed=True))
+    result = extender.filter(filter_args(tp4, ["cube-a", "cube-b"]))
     assert result["NodeNames"] == ["cube-b"]
     assert result["FailedNodes"] == {"cube-a": "no 4 free GPUs aligned at tier nvlink (4 free)"}
-    scores = extender.prioritize(filter_args(pod("tp4", 4, guaranteed=True), ["cube-a", "cube-b"]))
+    scores = extender.prioritize(filter_args(tp4, ["cube-a", "cube-b"]))
     assert scores[0] == {"Host": "cube-a", "Score": 0}
     assert scores[1]["Score"] > 0
 
@@ -206,8 +211,8 @@ def test_filter_passes_only_nodes_with_a_free_aligned_set(cluster: Any) -> None:
 def test_bind_writes_an_aligned_set_and_never_double_allocates(cluster: Any) -> None:
     extender, fake = cluster
     fake.add(pod("b0", 4, node="cube-a", held=[0, 1, 2, 3]))
-    fake.add(pod("tp4-x", 4, priority=ONLINE, guaranteed=True))
-    fake.add(pod("tp4-y", 4, priority=ONLINE, guaranteed=True))
+    for name in ("tp4-x", "tp4-y"):
+        extender.filter(filter_args(fake.add(pod(name, 4, priority=ONLINE)), ["cube-a"]))
     first = extender.bind(BindArgs("tp4-x", "ns", "uid-tp4-x", "cube-a"))
     assert first == {"Error": ""}
     assert held_gpus(fake, "tp4-x") == {4, 5, 6, 7}
@@ -218,7 +223,7 @@ def test_bind_writes_an_aligned_set_and_never_double_allocates(cluster: Any) -> 
 
 def test_bind_of_an_unknown_pod_is_an_error_not_a_crash(cluster: Any) -> None:
     extender, _ = cluster
-    assert "not found" in extender.bind(BindArgs("nope", "ns", "uid-nope", "cube-a"))["Error"]
+    assert "does not exist" in extender.bind(BindArgs("nope", "ns", "uid-nope", "cube-a"))["Error"]
 
 
 # -- preemption --------------------------------------------------------------------------------
@@ -245,9 +250,9 @@ def test_topology_only_conflict_evicts_reserves_and_then_binds_the_reserved_set(
     assert evicted in (["b0", "b1"], ["b2", "b3"])
     assert sorted(n for k, n in fake.calls if k == "event:Preempted") == evicted
     assert sorted(n for k, n in fake.calls if k == "disruption-target") == evicted
-    record = json.loads(fake.pods["tp4"]["metadata"]["annotations"]["tidal.dev/reservation"])
+    record = json.loads(reservation_message(fake.pods["tp4"]) or "")
     assert set(record["gpus"]) in QUADS and record["node"] == "cube-a"
-    # A restarted extender sees the same reservation from the pod annotation.
+    # A restarted extender sees the same reservation from the pod condition.
     rebuilt = ClusterCache(clock=extender.cache.clock)
     rebuilt.replace("nodes", [gpu_node("cube-a", "dgx1-v100"), gpu_node("cube-b", "dgx1-v100")])
     rebuilt.replace("pods", list(fake.pods.values()))
@@ -263,7 +268,8 @@ def test_topology_only_conflict_evicts_reserves_and_then_binds_the_reserved_set(
     assert extender.filter(filter_args(preemptor, ["cube-a", "cube-b"]))["NodeNames"] == ["cube-a"]
     assert extender.bind(BindArgs("tp4", "ns", "uid-tp4", "cube-a")) == {"Error": ""}
     assert held_gpus(fake, "tp4") == set(record["gpus"])
-    assert fake.pods["tp4"]["metadata"]["annotations"]["tidal.dev/reservation"] == ""
+    assert reservation_message(fake.pods["tp4"]) is None
+    assert ("end-reservation:Bound", "tp4") in fake.calls
     assert "uid-tp4" not in extender.cache.snapshot.reservations
 
 
@@ -275,7 +281,7 @@ def test_refused_eviction_releases_the_reservation(cluster: Any) -> None:
     result = extender.filter(filter_args(preemptor, ["cube-a"]))
     assert "disruption budget" in result["FailedAndUnresolvableNodes"]["cube-a"]
     assert extender.cache.snapshot.reservations == {}
-    assert "tidal.dev/reservation" not in fake.pods["tp4"]["metadata"]["annotations"]
+    assert reservation_message(fake.pods["tp4"]) is None
 
 
 def test_pdb_steers_the_plan_to_the_other_clique(cluster: Any) -> None:
@@ -305,7 +311,7 @@ def test_count_conflict_is_answered_by_the_preempt_verb_on_one_node(cluster: Any
     assert node == "cube-a" and victims["NumPDBViolations"] == 0
     gpus = {int(v["UID"].removeprefix("uid-f")) for v in victims["Pods"]}
     assert gpus in QUADS
-    assert "tidal.dev/reservation" in fake.pods["tp4"]["metadata"]["annotations"]
+    assert reservation_message(fake.pods["tp4"]) is not None
     # Asked again while the reservation stands: no second preemption.
     again = extender.preempt(parse_preempt({"Pod": preemptor, "NodeNameToMetaVictims": proposed}))
     assert again == {"NodeNameToMetaVictims": {}}
@@ -329,7 +335,8 @@ def test_reservations_expire_and_their_annotation_is_cleared(cluster: Any) -> No
     extender.clock[0] += 61
     expired = extender.expire_reservations()
     assert [r.preemptor for r in expired] == ["uid-tp4"]
-    assert "tidal.dev/reservation" not in fake.pods["tp4"]["metadata"]["annotations"]
+    assert reservation_message(fake.pods["tp4"]) is None
+    assert ("end-reservation:Expired", "tp4") in fake.calls
 
 
 def published(node: str, preset: str) -> dict[str, Any]:
@@ -386,7 +393,7 @@ def test_unhealthy_gpus_are_never_placed_on_nor_freed_by_preemption(cluster: Any
     assert extender.stats()["unhealthy_gpus"] == 1
     fake.add(pod("b-low", 4, node="cube-b", held=[4, 5, 6, 7]))
     # cube-a has one whole NVLink quad left ({4,5,6,7}); GPU 3 spoils the other
-    first = pod("tp4-a", 4, priority=ONLINE, guaranteed=True)
+    first = fake.add(pod("tp4-a", 4, priority=ONLINE, guaranteed=True))
     result = extender.filter(filter_args(first, ["cube-a", "cube-b"]))
     assert sorted(result["NodeNames"]) == ["cube-a", "cube-b"]
     fake.add(pod("tp4-a", 4, node="cube-a", held=[4, 5, 6, 7], priority=ONLINE))

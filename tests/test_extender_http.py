@@ -17,9 +17,10 @@ from tidal.devcluster.nodes import gpu_node
 from tidal.scheduler_extender.cache import ClusterCache
 from tidal.scheduler_extender.extender import Extender
 from tidal.scheduler_extender.run import JsonFormatter
-from tidal.scheduler_extender.server import create_app
+from tidal.scheduler_extender.server import Limits, create_app
 
 VERBS = ("filter", "prioritize", "preempt", "bind")
+LIMITS = Limits(max_body_bytes=64 * 2**10, large_body_bytes=8 * 2**10)
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,10 @@ def client() -> TestClient:
     cache.replace("nodes", [gpu_node("cube-a", "dgx1-v100")])
     fake = FakeCluster(cache)
     fake.add(pod("b0", 2, node="cube-a", held=[0, 1]))
+    for name, gpus in (("p", 4), ("f", 1)):
+        fake.add(pod(name, gpus, guaranteed=True))
     ready = {"value": False}
-    app = create_app(Extender(cache, fake), ready=lambda: ready["value"])
+    app = create_app(Extender(cache, fake), ready=lambda: ready["value"], limits=LIMITS)
     test_client = TestClient(app)
     test_client.ready = ready  # type: ignore[attr-defined]
     return test_client
@@ -48,6 +51,45 @@ def test_malformed_bodies_get_400_with_a_reason(client: TestClient, verb: str, b
     response = client.post(f"/{verb}", content=body)
     assert response.status_code == 400
     assert response.json()["Error"].startswith(f"{verb}: bad request")
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_an_oversized_body_is_refused_before_it_is_read(client: TestClient, verb: str) -> None:
+    huge = orjson.dumps({"Pod": pod("p", 4), "NodeNames": ["cube-a"] * 20_000})
+    response = client.post(f"/{verb}", content=huge)
+    assert response.status_code == 413
+    assert "exceeds 65536" in response.json()["Error"]
+
+    def chunks() -> Any:  # no Content-Length: counted as it streams
+        yield huge[: len(huge) // 2]
+        yield huge[len(huge) // 2 :]
+
+    assert client.post(f"/{verb}", content=chunks()).status_code == 413
+
+
+def test_a_large_body_is_parsed_off_the_loop_and_answered(client: TestClient) -> None:
+    names = ["cube-a", *(f"absent-{i}" for i in range(2_000))]
+    body = orjson.dumps({"Pod": pod("p", 4, guaranteed=True), "NodeNames": names})
+    assert LIMITS.large_body_bytes < len(body) < LIMITS.max_body_bytes
+    response = client.post("/filter", content=body)
+    assert response.status_code == 200
+    assert response.json()["NodeNames"] == ["cube-a"]
+
+
+@pytest.mark.parametrize(
+    "pod_body",
+    [
+        {"metadata": {"name": 1, "uid": "u"}},
+        {"metadata": {"name": "p", "uid": ["u"]}},
+        {"metadata": {"name": "p", "uid": "u", "namespace": {}}},
+    ],
+)
+def test_wrong_types_in_the_pod_get_400_naming_the_field(
+    client: TestClient, pod_body: dict[str, Any]
+) -> None:
+    response = client.post("/filter", content=orjson.dumps({"Pod": pod_body, "NodeNames": []}))
+    assert response.status_code == 400
+    assert "Pod.metadata" in response.json()["Error"]
 
 
 def test_readyz_follows_the_cache_and_metrics_are_exposed(client: TestClient) -> None:

@@ -86,6 +86,13 @@ def running_batch(name: str, node: str, gpus: list[int]) -> dict[str, Any]:
     return pod
 
 
+def reservation(core: Any, ns: str, name: str) -> tuple[str, str] | None:
+    """The (status, reason) of the pod's tidal.dev/reservation condition, if any."""
+    conditions = core.read_namespaced_pod(name, ns).status.conditions or []
+    found = [(c.status, c.reason) for c in conditions if c.type == "tidal.dev/reservation"]
+    return found[0] if found else None
+
+
 def bound(core: Any, ns: str, name: str) -> Any:
     def probe() -> Any:
         pod = core.read_namespaced_pod(name, ns)
@@ -129,7 +136,7 @@ def test_topology_only_conflict_is_resolved_by_the_extenders_own_preemption(
     events = core.list_namespaced_event(ns, field_selector="reason=Preempted").items
     assert len(events) == 2
     assert all(f"{ns}/tp4" in e.message for e in events)
-    assert not (pod.metadata.annotations or {}).get("tidal.dev/reservation")
+    assert wait_for(lambda: reservation(core, ns, "tp4") == ("False", "Bound"), "reservation ended")
 
 
 def test_count_conflict_goes_through_the_preempt_verb(core: Any, ns: str) -> None:
@@ -240,10 +247,7 @@ def test_extender_restart_mid_preemption_loses_nothing(
     fill_cross_pattern(core, ns, node, terminate_after="4s")
     core.create_namespaced_pod(ns, online("tp4", 4, node))
     wait_for(
-        lambda: (
-            "tidal.dev/reservation"
-            in (core.read_namespaced_pod("tp4", ns).metadata.annotations or {})
-        ),
+        lambda: reservation(core, ns, "tp4") == ("True", "GPUsReserved"),
         "the reservation on the preemptor",
     )
     tidal_cluster.restart("tidal-extender")
@@ -251,7 +255,7 @@ def test_extender_restart_mid_preemption_loses_nothing(
     core.create_namespaced_pod(ns, online("late", 4, node))
     pod = bound(core, ns, "tp4")
     assert gpus_of(pod) in QUADS
-    assert not (pod.metadata.annotations or {}).get("tidal.dev/reservation")
+    assert wait_for(lambda: reservation(core, ns, "tp4") == ("False", "Bound"), "reservation ended")
     assert_disjoint(node_allocations(core, node))
     names = {p.metadata.name for p in core.list_namespaced_pod(ns).items}
     assert {"tp4", "late"} <= names  # no pod lost

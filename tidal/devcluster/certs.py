@@ -23,6 +23,9 @@ class Pki:
     serving_key: Path
     admin_cert: Path
     admin_key: Path
+    # kube-scheduler's client certificate for the extender (mutual TLS; no API rights)
+    scheduler_client_cert: Path
+    scheduler_client_key: Path
     sa_public_key: Path
     sa_private_key: Path
 
@@ -86,8 +89,9 @@ def _leaf(
 
 
 def make_pki(folder: Path) -> Pki:
-    """Write a fresh CA, an apiserver serving pair, an admin (system:masters) client pair and
-    the service-account signing key pair into ``folder``."""
+    """Write a fresh CA, an apiserver serving pair, an admin (system:masters) client pair, the
+    scheduler's client pair for the extender and the service-account signing key pair into
+    ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     ca_key = _new_key()
     ca_name = _name("tidal-dev-cluster-ca")
@@ -116,6 +120,9 @@ def make_pki(folder: Path) -> Pki:
     admin, admin_key = _leaf(
         ca, ca_key, _name("tidal-admin", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH
     )
+    scheduler, scheduler_key = _leaf(
+        ca, ca_key, _name("tidal-scheduler"), ExtendedKeyUsageOID.CLIENT_AUTH
+    )
     sa_key = _new_key()
     pki = Pki(
         ca_cert=folder / "ca.crt",
@@ -123,6 +130,8 @@ def make_pki(folder: Path) -> Pki:
         serving_key=folder / "apiserver.key",
         admin_cert=folder / "admin.crt",
         admin_key=folder / "admin.key",
+        scheduler_client_cert=folder / "scheduler-client.crt",
+        scheduler_client_key=folder / "scheduler-client.key",
         sa_public_key=folder / "sa.pub",
         sa_private_key=folder / "sa.key",
     )
@@ -131,6 +140,8 @@ def make_pki(folder: Path) -> Pki:
     _write_key(pki.serving_key, serving_key)
     _write_cert(pki.admin_cert, admin)
     _write_key(pki.admin_key, admin_key)
+    _write_cert(pki.scheduler_client_cert, scheduler)
+    _write_key(pki.scheduler_client_key, scheduler_key)
     _write_key(pki.sa_private_key, sa_key)
     pki.sa_public_key.write_bytes(
         sa_key.public_key().public_bytes(

@@ -134,8 +134,15 @@ class LocalCluster:
         if self.options.run_extender:
             scheme = "https" if self.options.extender_tls else "http"
             url = f"{scheme}://127.0.0.1:{ports['extender']}"
-            ca = str(pki.ca_cert) if self.options.extender_tls else None
-            self.options = replace(self.options, extender=ExtenderConfig(url, ca_file=ca))
+            extender = ExtenderConfig(url)
+            if self.options.extender_tls:
+                extender = ExtenderConfig(
+                    url,
+                    ca_file=str(pki.ca_cert),
+                    cert_file=str(pki.scheduler_client_cert),
+                    key_file=str(pki.scheduler_client_key),
+                )
+            self.options = replace(self.options, extender=extender)
         server = f"https://127.0.0.1:{ports['apiserver']}"
         self.kubeconfig.write_text(yaml.safe_dump(kubeconfig_for(server, pki)))
         sched_config = self.workdir / "scheduler-config.yaml"
@@ -414,7 +421,11 @@ class LocalCluster:
                         f"--port={ports['extender']}",
                         # the apiserver's serving pair is valid for 127.0.0.1 too
                         *(
-                            [f"--tls-cert={pki.serving_cert}", f"--tls-key={pki.serving_key}"]
+                            [
+                                f"--tls-cert={pki.serving_cert}",
+                                f"--tls-key={pki.serving_key}",
+                                f"--tls-client-ca={pki.ca_cert}",
+                            ]
                             if self.options.extender_tls
                             else []
                         ),

@@ -16,7 +16,12 @@ def _existing_file(path: Path | None) -> Path | None:
 
 def extender_command(
     host: Annotated[
-        str, typer.Option(envvar="TIDAL_EXTENDER_HOST", help="Address to listen on.")
+        str,
+        typer.Option(
+            envvar="TIDAL_EXTENDER_HOST",
+            help="Address to listen on. Loopback unless --tls-client-ca is given: whoever "
+            "reaches the verbs can bind and evict pods.",
+        ),
     ] = "127.0.0.1",
     port: Annotated[
         int, typer.Option(envvar="TIDAL_EXTENDER_PORT", min=1, max=65535, help="Port to listen on.")
@@ -35,6 +40,36 @@ def extender_command(
     tls_key: Annotated[
         Path | None, typer.Option(envvar="TIDAL_EXTENDER_TLS_KEY", callback=_existing_file)
     ] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="TIDAL_EXTENDER_TLS_CLIENT_CA",
+            callback=_existing_file,
+            help="CA bundle: callers must present a client certificate it signed (mutual TLS; "
+            "kube-scheduler's extender tlsConfig certFile/keyFile).",
+        ),
+    ] = None,
+    health_port: Annotated[
+        int,
+        typer.Option(
+            envvar="TIDAL_EXTENDER_HEALTH_PORT",
+            min=0,
+            max=65535,
+            help="Plain-HTTP port for /healthz, /readyz and /metrics only (no verbs), for "
+            "probes and Prometheus; 0: none.",
+        ),
+    ] = 0,
+    health_host: Annotated[
+        str, typer.Option(envvar="TIDAL_EXTENDER_HEALTH_HOST", help="Address of the health port.")
+    ] = "0.0.0.0",
+    max_request_bytes: Annotated[
+        int,
+        typer.Option(
+            envvar="TIDAL_EXTENDER_MAX_REQUEST_BYTES",
+            min=1024,
+            help="Largest request body accepted (413 beyond).",
+        ),
+    ] = 4 * 2**20,
     reservation_ttl: Annotated[
         float,
         typer.Option(
@@ -54,6 +89,7 @@ def extender_command(
     # Heavy imports (prometheus, starlette, kubernetes) only when the extender really starts.
     from tidal.scheduler_extender.extender import ExtenderSettings  # noqa: PLC0415
     from tidal.scheduler_extender.run import ServeOptions, serve  # noqa: PLC0415
+    from tidal.scheduler_extender.server import Limits  # noqa: PLC0415
 
     if (tls_cert is None) != (tls_key is None):
         raise typer.BadParameter("--tls-cert and --tls-key go together")
@@ -63,18 +99,25 @@ def extender_command(
         )
     if log_format not in ("text", "json"):
         raise typer.BadParameter(f"--log-format: {log_format!r} is not one of text, json")
-    serve(
-        ServeOptions(
-            host=host,
-            port=port,
-            kubeconfig=kubeconfig,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            settings=ExtenderSettings(reservation_ttl_s=reservation_ttl),
-            log_level=log_level,
-            log_format=log_format,
-        )
+    options = ServeOptions(
+        host=host,
+        port=port,
+        kubeconfig=kubeconfig,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
+        health_host=health_host,
+        health_port=health_port,
+        limits=Limits(max_body_bytes=max_request_bytes),
+        settings=ExtenderSettings(reservation_ttl_s=reservation_ttl),
+        log_level=log_level,
+        log_format=log_format,
     )
+    try:
+        options.check()
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    serve(options)
 
 
 def scheduler_config_command(
@@ -86,6 +129,11 @@ def scheduler_config_command(
         str | None,
         typer.Option(help="CA bundle (path as the scheduler sees it) for an https:// extender."),
     ] = None,
+    client_cert: Annotated[
+        str | None,
+        typer.Option(help="The scheduler's client certificate for the extender (mutual TLS)."),
+    ] = None,
+    client_key: Annotated[str | None, typer.Option(help="Its private key.")] = None,
     kubeconfig: Annotated[
         str | None, typer.Option(help="The scheduler's kubeconfig path; in-cluster when unset.")
     ] = None,
@@ -102,7 +150,13 @@ def scheduler_config_command(
     )
 
     try:
-        extender = ExtenderConfig(extender_url, ca_file=ca_file, timeout_s=timeout)
+        extender = ExtenderConfig(
+            extender_url,
+            ca_file=ca_file,
+            cert_file=client_cert,
+            key_file=client_key,
+            timeout_s=timeout,
+        )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
     config = scheduler_configuration(

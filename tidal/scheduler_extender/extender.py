@@ -6,11 +6,19 @@ count is left to kube-scheduler's own preemption (whose dry run finds victims th
 preempt verb, which answers with the plan); a topology-only conflict (enough GPUs by count, none
 aligned) is invisible to that dry run (kubernetes#139270), so the extender evicts the victims
 itself and holds the GPUs with a reservation recorded on the preemptor pod.
+
+The request body is not trusted for anything the cluster knows: the pod in a filter, prioritize
+or preempt call only names a pod (namespace, name, UID); what it asks for (GPUs, priority,
+annotations, scheduler name) is read from the extender's own cache of it, or from the API
+server when the watch has not brought it yet. A pod that does not exist, has another UID, is
+already bound or is not tidal's is refused, and bind binds a pod only to a node that the
+extender's own filter passed for it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -33,7 +41,6 @@ from tidal.scheduler_extender.metrics import ExtenderMetrics
 from tidal.scheduler_extender.translate import (
     ACHIEVED_TIER,
     GPUS,
-    RESERVATION,
     ObjectError,
     ReservationRecord,
     format_gpu_list,
@@ -65,7 +72,12 @@ class Actions(Protocol):
 
     def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 
-    def annotate_pod(self, namespace: str, name: str, values: dict[str, str | None]) -> None: ...
+    def set_reservation(self, namespace: str, name: str, message: str) -> None:
+        """Record a plan as the pod's ``tidal.dev/reservation`` condition (pods/status)."""
+
+    def end_reservation(self, namespace: str, name: str, reason: str) -> None:
+        """Mark the condition False and touch the pod's metadata so kube-scheduler retries
+        it (a status change alone does not requeue a pod)."""
 
     def bind(
         self, namespace: str, name: str, uid: str, node: str, annotations: dict[str, str]
@@ -82,9 +94,17 @@ class Actions(Protocol):
 class ExtenderSettings:
     reservation_ttl_s: float = 300.0  # victims' grace period plus scheduling slack
     planning_deadline_s: float = 0.05
+    scheduler_name: str = "tidal-scheduler"  # the only pods the extender places or binds
 
 
 _REMEMBERED_PODS = 256
+# Pods between filter and bind: bind is asynchronous in kube-scheduler, so several pods' binds
+# can be in flight; far more than ever are at once.
+_FILTERED_PODS = 4096
+
+
+class RefusedError(Exception):
+    """A call about a pod the extender will not act on; the message says why."""
 
 
 def _values(plan: Plan) -> CostTuple:
@@ -106,14 +126,71 @@ class Extender:
         self.metrics = metrics or ExtenderMetrics()
         self._steered: dict[str, float] = {}  # pods left to kube-scheduler's preemption once
         self._scores: dict[str, dict[str, int]] = {}  # pod UID -> node scores from its filter
+        self._passed: OrderedDict[str, frozenset[str]] = OrderedDict()  # UID -> nodes passed
+
+    # -- which pod a call is about ----------------------------------------------------------
+    def _known_pod(self, wire_pod: dict[str, Any]) -> dict[str, Any]:
+        """The cluster's copy of the pod a call names; raises RefusedError if there is none to act
+        on. The cache answers almost always; the API server when the watch lags."""
+        meta = wire_pod["metadata"]
+        namespace, name, uid = meta.get("namespace") or "default", meta["name"], meta["uid"]
+        with self.cache.lock:
+            pod = self.cache.pending.get(uid)
+            bound = self.cache.bound_pod(uid) is not None
+        if bound:
+            raise RefusedError(f"pod {namespace}/{name} is already bound")
+        if pod is None:
+            pod = self.actions.get_pod(namespace, name)
+        if pod is None:
+            raise RefusedError(f"pod {namespace}/{name} does not exist")
+        actual = pod.get("metadata") or {}
+        if (actual.get("uid"), actual.get("namespace") or "default", actual.get("name")) != (
+            uid,
+            namespace,
+            name,
+        ):
+            raise RefusedError(f"pod {namespace}/{name} has another UID than {uid}")
+        if (pod.get("spec") or {}).get("nodeName"):
+            raise RefusedError(f"pod {namespace}/{name} is already bound")
+        scheduler = (pod.get("spec") or {}).get("schedulerName")
+        if scheduler != self.settings.scheduler_name:
+            raise RefusedError(
+                f"pod {namespace}/{name} is for scheduler {scheduler!r}, "
+                f"not {self.settings.scheduler_name!r}"
+            )
+        return pod
+
+    def _request_for(self, wire_pod: dict[str, Any]) -> tuple[dict[str, Any], PodRequest]:
+        pod = self._known_pod(wire_pod)
+        try:
+            return pod, pod_request(pod)
+        except ObjectError as error:
+            raise RefusedError(str(error)) from None
+
+    def _remember_passed(self, uid: str, nodes: list[str]) -> None:
+        self._passed[uid] = frozenset(nodes)
+        self._passed.move_to_end(uid)
+        while len(self._passed) > _FILTERED_PODS:
+            self._passed.popitem(last=False)
 
     # -- filter -----------------------------------------------------------------------------
     def filter(self, args: FilterArgs) -> dict[str, Any]:
         try:
-            request = pod_request(args.pod)
-        except ObjectError as error:
-            self.metrics.decision("filter", "bad-pod")
+            pod, request = self._request_for(args.pod)
+        except RefusedError as error:
+            self.metrics.decision("filter", "refused")
             return filter_result([], {}, {}, args, error=str(error))
+        result = self._filter(args, pod, request)
+        passed = (
+            result["NodeNames"]
+            if args.nodes is None
+            else [n["metadata"]["name"] for n in result["Nodes"]["items"]]
+        )
+        with self.cache.lock:
+            self._remember_passed(request.uid, passed)
+        return result
+
+    def _filter(self, args: FilterArgs, pod: dict[str, Any], request: PodRequest) -> dict[str, Any]:
         with self.cache.lock:
             self.cache.tick()
             held = self.cache.snapshot.reservations.get(request.uid)
@@ -135,7 +212,7 @@ class Extender:
                 return filter_result(*self._all_unresolvable(args, result, plan.reason), args)
             record = self._reserve(request, plan)
         self.metrics.decision("filter", "evict")
-        return self._evict_for(args, request, plan, record)
+        return self._evict_for(args, pod, request, plan, record)
 
     def _remember_scores(self, request: PodRequest, outcome: FilterResult) -> None:
         """Score the placements filter found: prioritize follows with the same nodes."""
@@ -232,19 +309,24 @@ class Extender:
         return record
 
     def _evict_for(
-        self, args: FilterArgs, request: PodRequest, plan: Plan, record: ReservationRecord
+        self,
+        args: FilterArgs,
+        pod: dict[str, Any],
+        request: PodRequest,
+        plan: Plan,
+        record: ReservationRecord,
     ) -> dict[str, Any]:
         """Carry out a topology-only preemption: reservation on the pod, then evictions."""
-        meta = args.pod["metadata"]
+        meta = pod["metadata"]
         namespace, name = meta.get("namespace", "default"), meta["name"]
         gpus = format_gpu_list(plan.gpus)
         try:
-            self.actions.annotate_pod(namespace, name, {RESERVATION: record.to_annotation()})
+            self.actions.set_reservation(namespace, name, record.to_message())
             for uid in plan.victims:
                 self._evict_victim(uid, request, plan, gpus)
         except ApiError as error:
             self.cache.release(request.uid)
-            self._clear_reservation(namespace, name)
+            self._end_reservation(namespace, name, "PreemptionFailed")
             reason = f"preemption on node {plan.node} failed ({error}); replanning next attempt"
             log.warning("pod %s: %s", request.name, reason)
             return filter_result([], {}, dict.fromkeys(args.node_names, reason), args)
@@ -269,17 +351,17 @@ class Extender:
         self.actions.record_event(victim, "Preempted", message)
         self.actions.evict(vmeta["namespace"], vmeta["name"])
 
-    def _clear_reservation(self, namespace: str, name: str) -> None:
+    def _end_reservation(self, namespace: str, name: str, reason: str) -> None:
         try:
-            self.actions.annotate_pod(namespace, name, {RESERVATION: None})
+            self.actions.end_reservation(namespace, name, reason)
         except ApiError as error:
-            log.warning("could not clear reservation on %s/%s: %s", namespace, name, error)
+            log.warning("could not end reservation on %s/%s: %s", namespace, name, error)
 
     # -- prioritize -------------------------------------------------------------------------
     def prioritize(self, args: FilterArgs) -> list[dict[str, Any]]:
         try:
-            request = pod_request(args.pod)
-        except ObjectError:
+            _, request = self._request_for(args.pod)
+        except RefusedError:
             return [{"Host": n, "Score": 0} for n in args.node_names]
         with self.cache.lock:
             remembered = self._scores.pop(request.uid, None)
@@ -300,9 +382,10 @@ class Extender:
     # -- preempt ----------------------------------------------------------------------------
     def preempt(self, args: PreemptArgs) -> dict[str, Any]:
         try:
-            request = pod_request(args.pod)
-        except ObjectError as error:
+            pod, request = self._request_for(args.pod)
+        except RefusedError as error:
             log.warning("preempt: %s", error)
+            self.metrics.decision("preempt", "refused")
             return preempt_result(None, [], 0)
         with self.cache.lock:
             self.cache.tick()
@@ -321,12 +404,10 @@ class Extender:
                 return preempt_result(None, [], 0)
             record = self._reserve(request, plan)
             self._steered.pop(request.uid, None)
-        meta = args.pod["metadata"]
+        meta = pod["metadata"]
         try:
-            self.actions.annotate_pod(
-                meta.get("namespace", "default"),
-                meta["name"],
-                {RESERVATION: record.to_annotation()},
+            self.actions.set_reservation(
+                meta.get("namespace", "default"), meta["name"], record.to_message()
             )
         except ApiError as error:
             log.warning("pod %s: reservation not recorded on the pod: %s", request.name, error)
@@ -336,18 +417,17 @@ class Extender:
 
     # -- bind -------------------------------------------------------------------------------
     def bind(self, args: BindArgs) -> dict[str, Any]:
-        with self.cache.lock:
-            pod = self.cache.pending.get(args.uid)
-        if pod is None:
-            pod = self.actions.get_pod(args.namespace, args.name)
-            if pod is None or pod["metadata"].get("uid") != args.uid:
-                self.metrics.decision("bind", "unknown-pod")
-                return {"Error": f"pod {args.namespace}/{args.name} (uid {args.uid}) not found"}
+        wire = {"metadata": {"namespace": args.namespace, "name": args.name, "uid": args.uid}}
         try:
-            request = pod_request(pod)
-        except ObjectError as error:
+            pod, request = self._request_for(wire)
+        except RefusedError as error:
+            self.metrics.decision("bind", "refused")
             return {"Error": str(error)}
         with self.cache.lock:
+            if args.node not in self._passed.get(args.uid, ()):
+                self.metrics.decision("bind", "refused")
+                return {"Error": f"node {args.node} did not pass tidal's filter for this pod"}
+            held = self.cache.snapshot.reservations.get(request.uid)
             chosen = self._choose_for_bind(request, args.node)
             if isinstance(chosen, str):
                 self.metrics.decision("bind", "conflict")
@@ -359,13 +439,17 @@ class Extender:
             # One write: the API server copies a Binding's annotations onto the pod, so the pod
             # is never bound without its GPUs (and a stale reservation is blanked with it).
             tier = self.cache.snapshot.nodes[args.node].info.shape.tier_of(chosen).label
-            notes = {GPUS: gpus, ACHIEVED_TIER: tier, RESERVATION: ""}
+            notes = {GPUS: gpus, ACHIEVED_TIER: tier}
             self.actions.bind(args.namespace, args.name, args.uid, args.node, notes)
         except ApiError as error:
             self.cache.delete_pod(args.uid)
             self.cache.upsert_pod(pod)
             self.metrics.decision("bind", "api-error")
             return {"Error": f"binding {pod_key(pod)} to {args.node}: {error}"}
+        with self.cache.lock:
+            self._passed.pop(args.uid, None)
+        if held is not None:
+            self._end_reservation(args.namespace, args.name, "Bound")
         self.metrics.decision("bind", "bound")
         log.info("pod %s: bound to %s GPUs %s", request.name, args.node, gpus)
         return {"Error": ""}
@@ -396,7 +480,7 @@ class Extender:
                 if pod is not None:
                     keys[reservation.preemptor] = pod["metadata"]
         for meta in keys.values():
-            self._clear_reservation(meta.get("namespace", "default"), meta["name"])
+            self._end_reservation(meta.get("namespace", "default"), meta["name"], "Expired")
         for reservation in expired:
             log.info("reservation of %s on %s expired", reservation.preemptor, reservation.node)
         return expired

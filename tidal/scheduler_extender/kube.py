@@ -20,9 +20,14 @@ from kubernetes.watch.watch import iter_resp_lines
 from tidal.kubeclient import discard, read_json
 from tidal.scheduler_extender.cache import ClusterCache
 from tidal.scheduler_extender.extender import ApiError
+from tidal.scheduler_extender.translate import RESERVATION, RESERVATION_ENDED
 
 log = logging.getLogger(__name__)
 COMPONENT = "tidal-scheduler-extender"
+# (connect, read) seconds for every action: a hung API server must not hold a verb past
+# kube-scheduler's own extender timeout for long, nor pin a worker thread forever.
+ACTION_TIMEOUT = (5.0, 10.0)
+LIST_TIMEOUT = (5.0, 120.0)
 
 
 def _now() -> str:
@@ -46,7 +51,9 @@ class KubeActions:
 
     def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            response = self.core.read_namespaced_pod(name, namespace, _preload_content=False)
+            response = self.core.read_namespaced_pod(
+                name, namespace, _preload_content=False, _request_timeout=ACTION_TIMEOUT
+            )
         except ApiException as error:
             if error.status == 404:
                 return None
@@ -54,11 +61,36 @@ class KubeActions:
         pod: dict[str, Any] = read_json(response)
         return pod
 
-    def annotate_pod(self, namespace: str, name: str, values: dict[str, str | None]) -> None:
-        body = {"metadata": {"annotations": values}}
+    def _patch_condition(self, namespace: str, name: str, condition: dict[str, str]) -> None:
+        # Strategic merge on conditions keys by type, so other conditions stay.
+        body = {"status": {"conditions": [{**condition, "lastTransitionTime": _now()}]}}
+        self._call(
+            f"set condition {condition['type']} on pod {namespace}/{name}",
+            lambda: discard(
+                self.core.patch_namespaced_pod_status(
+                    name, namespace, body, _preload_content=False, _request_timeout=ACTION_TIMEOUT
+                )
+            ),
+        )
+
+    def set_reservation(self, namespace: str, name: str, message: str) -> None:
+        condition = {"type": RESERVATION, "status": "True", "reason": "GPUsReserved"}
+        self._patch_condition(namespace, name, {**condition, "message": message})
+
+    def end_reservation(self, namespace: str, name: str, reason: str) -> None:
+        self._patch_condition(
+            namespace, name, {"type": RESERVATION, "status": "False", "reason": reason}
+        )
+        if reason == "Bound":
+            return  # a bound pod needs no retry
+        body = {"metadata": {"annotations": {RESERVATION_ENDED: f"{reason} {_now()}"}}}
         self._call(
             f"annotate pod {namespace}/{name}",
-            lambda: self.core.patch_namespaced_pod(name, namespace, body),
+            lambda: discard(
+                self.core.patch_namespaced_pod(
+                    name, namespace, body, _preload_content=False, _request_timeout=ACTION_TIMEOUT
+                )
+            ),
         )
 
     def bind(
@@ -77,7 +109,9 @@ class KubeActions:
         }
         response = self._call(
             f"bind pod {namespace}/{name} to {node}",
-            lambda: self.core.create_namespaced_binding(namespace, binding, _preload_content=False),
+            lambda: self.core.create_namespaced_binding(
+                namespace, binding, _preload_content=False, _request_timeout=ACTION_TIMEOUT
+            ),
         )
         discard(response)
 
@@ -93,7 +127,11 @@ class KubeActions:
         # Strategic merge on conditions keys by type, so other conditions stay.
         self._call(
             f"mark pod {namespace}/{name} as disruption target",
-            lambda: self.core.patch_namespaced_pod_status(name, namespace, body),
+            lambda: discard(
+                self.core.patch_namespaced_pod_status(
+                    name, namespace, body, _preload_content=False, _request_timeout=ACTION_TIMEOUT
+                )
+            ),
         )
 
     def evict(self, namespace: str, name: str) -> None:
@@ -103,7 +141,9 @@ class KubeActions:
             "metadata": {"name": name, "namespace": namespace},
         }
         try:
-            self.core.create_namespaced_pod_eviction(name, namespace, eviction)
+            self.core.create_namespaced_pod_eviction(
+                name, namespace, eviction, _request_timeout=ACTION_TIMEOUT
+            )
         except ApiException as error:
             if error.status == 404:
                 return  # already gone
@@ -111,7 +151,9 @@ class KubeActions:
                 int(error.status or 0), f"evict {namespace}/{name}: {error.reason}"
             ) from None
 
-    def record_event(self, pod: dict[str, Any], reason: str, message: str) -> None:
+    def record_event(
+        self, pod: dict[str, Any], reason: str, message: str, kind: str = "Normal"
+    ) -> None:
         meta = pod["metadata"]
         event = {
             "metadata": {
@@ -127,14 +169,16 @@ class KubeActions:
             },
             "reason": reason,
             "message": message,
-            "type": "Normal",
+            "type": kind,
             "source": {"component": COMPONENT},
             "firstTimestamp": _now(),
             "lastTimestamp": _now(),
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(meta["namespace"], event)
+            self.core.create_namespaced_event(
+                meta["namespace"], event, _request_timeout=ACTION_TIMEOUT
+            )
         except ApiException as error:  # an event is best effort
             log.warning("event for %s/%s not recorded: %s", meta["namespace"], meta["name"], error)
 
@@ -174,6 +218,8 @@ class Reflector(threading.Thread):
                 if self.optional and isinstance(error, ApiException) and error.status == 404:
                     self._not_installed()
                     continue
+                # Events may have been missed: not ready until a list makes the cache whole.
+                self.cache.synced.discard(self.kind)
                 log.warning(
                     "%s reflector error: %s; relisting in %.1f s", self.kind, error, backoff
                 )
@@ -187,7 +233,7 @@ class Reflector(threading.Thread):
         self.stop_event.wait(5.0)
 
     def _list(self) -> str:
-        response = self.list_call(_preload_content=False)
+        response = self.list_call(_preload_content=False, _request_timeout=LIST_TIMEOUT)
         body = read_json(response)
         self.cache.replace(self.kind, body.get("items") or [])
         version: str = body["metadata"]["resourceVersion"]
@@ -205,6 +251,9 @@ class Reflector(threading.Thread):
             resource_version=version,
             allow_watch_bookmarks=True,
             timeout_seconds=self.watch_timeout_s,
+            # The server ends the watch after timeout_seconds; bookmarks arrive about every
+            # minute, so a read idle for longer than both means a dead connection.
+            _request_timeout=(5.0, self.watch_timeout_s + 60.0),
             _preload_content=False,
         )
         try:

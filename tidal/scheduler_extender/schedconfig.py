@@ -24,6 +24,9 @@ class ExtenderConfig:
     node_cache_capable: bool = True
     timeout_s: float = 5.0
     ca_file: str | None = None  # verifies the extender's serving certificate (https only)
+    # kube-scheduler's client certificate: the extender serves only callers presenting one
+    cert_file: str | None = None
+    key_file: str | None = None
     weight: int = 5
 
     def __post_init__(self) -> None:
@@ -31,8 +34,10 @@ class ExtenderConfig:
             raise ValueError(
                 f"extender URL {self.url_prefix!r} must start with http:// or https://"
             )
-        if self.ca_file and not self.https:
-            raise ValueError("a CA file only applies to an https:// extender URL")
+        if (self.ca_file or self.cert_file or self.key_file) and not self.https:
+            raise ValueError("TLS files only apply to an https:// extender URL")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("a client certificate and its key go together")
 
     @property
     def https(self) -> bool:
@@ -55,8 +60,9 @@ class ExtenderConfig:
             entry["preemptVerb"] = "preempt"
         if self.bind:
             entry["bindVerb"] = "bind"
-        if self.ca_file:
-            entry["tlsConfig"] = {"caFile": self.ca_file}
+        tls = {"caFile": self.ca_file, "certFile": self.cert_file, "keyFile": self.key_file}
+        if any(tls.values()):
+            entry["tlsConfig"] = {key: value for key, value in tls.items() if value}
         return entry
 
 

@@ -1,17 +1,27 @@
-"""HTTP service: the four verbs, /healthz, /readyz and /metrics (Starlette on uvicorn, orjson)."""
+"""HTTP service: the four verbs, /healthz, /readyz and /metrics (Starlette on uvicorn, orjson).
+
+Bounded against slow or hostile callers: a body larger than ``max_body_bytes`` is refused with
+413 before it is read whole, a body that does not arrive within ``body_timeout_s`` gets 408,
+large bodies are parsed off the event loop one at a time (so a few of them cannot stall the
+small, frequent calls kube-scheduler makes), and at most ``max_concurrent`` calls run at once.
+Connection-level limits (request head timeout, idle keep-alive, connection count) are in
+:mod:`tidal.scheduler_extender.run`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -22,12 +32,55 @@ log = logging.getLogger(__name__)
 JSON = "application/json"
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one caller may cost the extender."""
+
+    # A filter at 5,000 nodes with nodeCacheCapable sends ~100 KB of node names; full Node
+    # lists (nodeCacheCapable false) are ~5 KB a node.
+    max_body_bytes: int = 4 * 2**20
+    body_timeout_s: float = 5.0  # kube-scheduler's own extender timeout
+    max_concurrent: int = 64  # beyond: the call waits for a slot
+    large_body_bytes: int = 256 * 2**10  # parsed in a worker thread, one at a time
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def _json(body: object, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type=JSON)
 
 
-def create_app(extender: Extender, ready: Callable[[], bool]) -> Starlette:
+async def _read_body(request: Request, limits: Limits) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise _HttpError(413, f"body of {declared} bytes exceeds {limits.max_body_bytes}")
+    chunks, size = [], 0
+    async with asyncio.timeout(limits.body_timeout_s):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise _HttpError(413, f"body exceeds {limits.max_body_bytes} bytes")
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(
+    extender: Extender, ready: Callable[[], bool], limits: Limits | None = None
+) -> Starlette:
     metrics = extender.metrics
+    limits = limits or Limits()
+    slots = asyncio.Semaphore(limits.max_concurrent)
+    large = asyncio.Semaphore(1)
+
+    async def parse(body: bytes) -> Any:
+        if len(body) < limits.large_body_bytes:
+            return orjson.loads(body)
+        async with large:
+            return await run_in_threadpool(orjson.loads, body)
 
     def verb(
         name: str, handle: Callable[[Any], Any], inline: bool = False
@@ -35,16 +88,31 @@ def create_app(extender: Extender, ready: Callable[[], bool]) -> Starlette:
         """``inline`` verbs are pure computation under the cache lock (no API calls on their
         hot path) and skip the thread hop; the others run in the thread pool."""
 
-        async def endpoint(request: Request) -> Response:
-            started = time.perf_counter()
+        async def answer(request: Request) -> Response:
             try:
-                raw = orjson.loads(await request.body())
+                raw = await parse(await _read_body(request, limits))
                 result = handle(raw) if inline else await run_in_threadpool(handle, raw)
                 return _json(result)
             except (orjson.JSONDecodeError, WireError) as error:
                 metrics.bad_requests.labels(name).inc()
                 log.info("%s: bad request: %s", name, error)
                 return _json({"Error": f"{name}: bad request: {error}"}, 400)
+            except _HttpError as error:
+                metrics.bad_requests.labels(name).inc()
+                log.info("%s: refused: %s", name, error)
+                return _json({"Error": f"{name}: {error}"}, error.status)
+            except TimeoutError:
+                metrics.bad_requests.labels(name).inc()
+                return _json({"Error": f"{name}: body not received in time"}, 408)
+
+        async def endpoint(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                async with slots:
+                    return await answer(request)
+            except ClientDisconnect:
+                log.debug("%s: client went away before the answer", name)
+                return Response(status_code=499)
             except Exception as error:  # never crash the server on one call
                 log.exception("%s failed", name)
                 return _json({"Error": f"{name}: internal error: {error}"}, 500)
@@ -52,19 +120,6 @@ def create_app(extender: Extender, ready: Callable[[], bool]) -> Starlette:
                 metrics.latency.labels(name).observe(time.perf_counter() - started)
 
         return endpoint
-
-    async def healthz(_: Request) -> Response:
-        return Response("ok", media_type="text/plain")
-
-    async def readyz(_: Request) -> Response:
-        if ready():
-            return Response("ok", media_type="text/plain")
-        return Response("cache not synced", status_code=503, media_type="text/plain")
-
-    async def metrics_endpoint(_: Request) -> Response:
-        for kind, value in extender.stats().items():
-            metrics.cache_size.labels(kind).set(value)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
         Route(
@@ -87,8 +142,34 @@ def create_app(extender: Extender, ready: Callable[[], bool]) -> Starlette:
             methods=["POST"],
         ),
         Route("/bind", verb("bind", lambda raw: extender.bind(parse_bind(raw))), methods=["POST"]),
+        *health_routes(extender, ready),
+    ]
+    return Starlette(routes=routes)
+
+
+def health_routes(extender: Extender, ready: Callable[[], bool]) -> list[Route]:
+    """/healthz, /readyz and /metrics: also served alone on the health port, which carries
+    no verb, so probes and Prometheus need no client certificate."""
+    metrics = extender.metrics
+
+    async def healthz(_: Request) -> Response:
+        return Response("ok", media_type="text/plain")
+
+    async def readyz(_: Request) -> Response:
+        if ready():
+            return Response("ok", media_type="text/plain")
+        return Response("cache not synced", status_code=503, media_type="text/plain")
+
+    async def metrics_endpoint(_: Request) -> Response:
+        metrics.export_cache(extender.stats(), extender.cache.apply_failures)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
     ]
-    return Starlette(routes=routes)
+
+
+def create_health_app(extender: Extender, ready: Callable[[], bool]) -> Starlette:
+    return Starlette(routes=health_routes(extender, ready))

@@ -2,9 +2,16 @@
 
 Annotations read here (prefix ``tidal.dev/``): ``gpus`` (GPU indices written at bind),
 ``topology-mode`` and ``topology-tier`` (the request; default best-effort at nvlink),
-``reservation`` (a preemptor's plan, JSON), ``checkpoint-interval-seconds`` (lost-work model).
+``checkpoint-interval-seconds`` (lost-work model). A preemptor's plan is the pod *condition*
+``tidal.dev/reservation`` (JSON in its message): pod status is written only by holders of
+``pods/status`` (the API server resets it on create and ignores it on update), so a user who may
+create or edit pods cannot forge one, as they could an annotation.
 Node topology comes from the node agent's GPUTopology object (named after the node), else from
 the node label ``tidal.dev/topology-preset``.
+
+Objects come from the API server but their annotations are free text anyone with pod access can
+write, so every read of one is defensive: a bad value is an ``ObjectError`` naming the field,
+never any other exception.
 """
 
 from __future__ import annotations
@@ -12,9 +19,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -35,7 +43,11 @@ PREFIX = "tidal.dev/"
 GPUS = PREFIX + "gpus"
 TOPOLOGY_MODE = PREFIX + "topology-mode"
 TOPOLOGY_TIER = PREFIX + "topology-tier"
-RESERVATION = PREFIX + "reservation"
+RESERVATION = PREFIX + "reservation"  # a pod condition type, not an annotation
+# Written when a reservation ends without a bind: kube-scheduler requeues an unschedulable pod on
+# a change to its metadata or spec, never on a status change, so the condition alone would leave
+# the pod waiting for the next periodic flush (5 min).
+RESERVATION_ENDED = PREFIX + "reservation-ended"
 # The tier the bound GPU set achieved (tightest domain holding it), for the operator's status.
 ACHIEVED_TIER = PREFIX + "topology-achieved"
 CHECKPOINT_INTERVAL = PREFIX + "checkpoint-interval-seconds"
@@ -43,6 +55,7 @@ PRESET_LABEL = PREFIX + "topology-preset"
 # kube's system-node-critical / system-cluster-critical start here; never victims of tidal.
 SYSTEM_PRIORITY = 1_000_000_000
 
+_T = TypeVar("_T")
 _QUANTITY = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)([a-zA-Z]*)$")
 _SUFFIX = {
     "": 1,
@@ -80,10 +93,17 @@ def quantity(value: object, field: str, owner: str) -> float:
 
 def _resources(containers: list[dict[str, Any]], owner: str, key: str) -> dict[str, float]:
     totals: dict[str, float] = {}
+    if not isinstance(containers, list):
+        raise ObjectError("pod", owner, "spec.containers", "expected a list")
     for i, container in enumerate(containers):
-        resources = container.get("resources") or {}
+        where = f"spec.containers[{i}].resources"
+        resources = container.get("resources") if isinstance(container, dict) else None
+        resources = resources if isinstance(resources, dict) else {}
+        limits, requests = resources.get("limits") or {}, resources.get(key) or {}
+        if not isinstance(limits, dict) or not isinstance(requests, dict):
+            raise ObjectError("pod", owner, where, "limits and requests must be objects")
         # Extended resources must have requests == limits; kube defaults requests from limits.
-        merged = {**(resources.get("limits") or {}), **(resources.get(key) or {})}
+        merged = {**limits, **requests}
         for name, value in merged.items():
             field = f"spec.containers[{i}].resources.{key}.{name}"
             totals[name] = totals.get(name, 0.0) + quantity(value, field, owner)
@@ -91,40 +111,89 @@ def _resources(containers: list[dict[str, Any]], owner: str, key: str) -> dict[s
 
 
 def pod_key(pod: dict[str, Any]) -> str:
-    meta = pod.get("metadata") or {}
+    meta = pod.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
     return f"{meta.get('namespace', 'default')}/{meta.get('name', '?')}"
 
 
 def pod_gpus(pod: dict[str, Any]) -> int:
     """Whole GPUs the pod asks for (containers summed; init containers run before, so max)."""
-    spec = pod.get("spec") or {}
     owner = pod_key(pod)
+    spec = _section(pod, "spec", owner)
     main = _resources(spec.get("containers") or [], owner, "requests").get(GPU_RESOURCE, 0.0)
     init = max(
         (
             _resources([c], owner, "requests").get(GPU_RESOURCE, 0.0)
-            for c in spec.get("initContainers") or []
+            for c in _list(spec.get("initContainers"), "spec.initContainers", owner)
         ),
         default=0.0,
     )
     return int(max(main, init))
 
 
+def _list(value: object, field: str, owner: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ObjectError("pod", owner, field, "expected a list")
+    return value
+
+
 def _cpu_memory(pod: dict[str, Any]) -> tuple[int, int]:
-    totals = _resources((pod.get("spec") or {}).get("containers") or [], pod_key(pod), "requests")
+    owner = pod_key(pod)
+    totals = _resources(_section(pod, "spec", owner).get("containers") or [], owner, "requests")
     return int(totals.get("cpu", 0.0) * 1000), int(totals.get("memory", 0.0) / 2**20)
 
 
 def annotations_of(obj: dict[str, Any]) -> dict[str, str]:
-    return (obj.get("metadata") or {}).get("annotations") or {}
+    meta = obj.get("metadata")
+    notes = meta.get("annotations") if isinstance(meta, dict) else None
+    return notes if isinstance(notes, dict) else {}
+
+
+def _section(obj: dict[str, Any], key: str, owner: str) -> dict[str, Any]:
+    value = obj.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ObjectError("pod", owner, key, f"expected an object, got {type(value).__name__}")
+    return value
+
+
+def _priority(spec: dict[str, Any], owner: str) -> int:
+    value = spec.get("priority")
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ObjectError("pod", owner, "spec.priority", f"expected an integer, got {value!r}")
+    return value
+
+
+def checkpoint_interval(pod: dict[str, Any]) -> float | None:
+    """Seconds between the pod's checkpoints (its annotation), None when it does not say."""
+    text = annotations_of(pod).get(CHECKPOINT_INTERVAL)
+    if text is None or text == "":
+        return None
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ObjectError(
+            "pod",
+            pod_key(pod),
+            f"metadata.annotations[{CHECKPOINT_INTERVAL}]",
+            f"expected a positive number of seconds, got {text!r}",
+        )
+    return value
 
 
 def pod_request(pod: dict[str, Any]) -> PodRequest:
     """What an unbound pod asks of the placement core."""
-    meta = pod.get("metadata") or {}
     key = pod_key(pod)
+    meta = _section(pod, "metadata", key)
     uid = meta.get("uid")
-    if not uid:
+    if not isinstance(uid, str) or not uid:
         raise ObjectError("pod", key, "metadata.uid", "missing")
     gpus = pod_gpus(pod)
     if gpus < 1:
@@ -133,7 +202,7 @@ def pod_request(pod: dict[str, Any]) -> PodRequest:
     mode_text = notes.get(TOPOLOGY_MODE, TopologyMode.BEST_EFFORT.value)
     try:
         mode = TopologyMode(mode_text)
-    except ValueError:
+    except (TypeError, ValueError):
         choices = ", ".join(m.value for m in TopologyMode)
         raise ObjectError(
             "pod",
@@ -142,7 +211,7 @@ def pod_request(pod: dict[str, Any]) -> PodRequest:
             f"{mode_text!r} is not one of {choices}",
         ) from None
     try:
-        tier = Tier.parse(notes.get(TOPOLOGY_TIER, Tier.NVLINK.label))
+        tier = Tier.parse(str(notes.get(TOPOLOGY_TIER, Tier.NVLINK.label)))
     except (TopologyError, ValueError) as error:
         raise ObjectError(
             "pod", key, f"metadata.annotations[{TOPOLOGY_TIER}]", str(error)
@@ -156,7 +225,7 @@ def pod_request(pod: dict[str, Any]) -> PodRequest:
         uid=uid,
         name=key,
         gpus=gpus,
-        priority=int((pod.get("spec") or {}).get("priority") or 0),
+        priority=_priority(_section(pod, "spec", key), key),
         cpu_milli=cpu,
         memory_mib=memory,
         mode=mode,
@@ -168,7 +237,7 @@ def parse_gpu_list(text: str, owner: str, gpu_count: int) -> int:
     """The ``tidal.dev/gpus`` annotation ("0,1,2,3") as a mask on a node of ``gpu_count``."""
     field = f"metadata.annotations[{GPUS}]"
     try:
-        indices = [int(part) for part in text.split(",") if part.strip()]
+        indices = [int(part) for part in str(text).split(",") if part.strip()]
     except ValueError:
         raise ObjectError(
             "pod", owner, field, f"expected GPU indices like '0,1', got {text!r}"
@@ -182,42 +251,68 @@ def format_gpu_list(mask: int) -> str:
     return ",".join(str(i) for i in bits(mask))
 
 
-def _timestamp(text: str | None) -> float | None:
-    if not text:
+def _timestamp(text: object) -> float | None:
+    """An RFC 3339 time as epoch seconds; None when absent or unreadable (the callers fall
+    back to another time: a wrong start time only skews the lost-work estimate)."""
+    if not isinstance(text, str) or not text:
         return None
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    try:
+        stamp = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=dt.UTC)
+    return stamp.timestamp()
 
 
 def is_terminal(pod: dict[str, Any]) -> bool:
-    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+    status = pod.get("status")
+    return isinstance(status, dict) and status.get("phase") in ("Succeeded", "Failed")
 
 
-def pod_info(pod: dict[str, Any], gpus: int) -> PodInfo:
-    """A bound pod holding ``gpus`` (a mask on its node)."""
-    meta = pod.get("metadata") or {}
-    spec = pod.get("spec") or {}
-    status = pod.get("status") or {}
-    priority = int(spec.get("priority") or 0)
-    cpu, memory = _cpu_memory(pod)
-    controller = next(
-        (ref.get("uid") for ref in meta.get("ownerReferences") or [] if ref.get("controller")),
-        None,
-    )
-    interval = annotations_of(pod).get(CHECKPOINT_INTERVAL)
+def _controller(meta: dict[str, Any]) -> str | None:
+    refs = meta.get("ownerReferences")
+    for ref in refs if isinstance(refs, list) else []:
+        if isinstance(ref, dict) and ref.get("controller") and isinstance(ref.get("uid"), str):
+            return str(ref["uid"])
+    return None
+
+
+def pod_info(pod: dict[str, Any], gpus: int) -> tuple[PodInfo, list[ObjectError]]:
+    """A bound pod holding ``gpus`` (a mask on its node), and the problems of its optional
+    fields: a bad one is left at its default, so the GPUs stay accounted whatever it says."""
+    key = pod_key(pod)
+    problems: list[ObjectError] = []
+
+    def lenient(read: Callable[[], _T], default: _T) -> _T:
+        try:
+            return read()
+        except ObjectError as error:
+            problems.append(error)
+            return default
+
+    empty: dict[str, Any] = {}
+    meta = lenient(lambda: _section(pod, "metadata", key), empty)
+    spec = lenient(lambda: _section(pod, "spec", key), empty)
+    status = lenient(lambda: _section(pod, "status", key), empty)
+    # A pod whose priority cannot be read is nobody's victim.
+    priority = lenient(lambda: _priority(spec, key), SYSTEM_PRIORITY)
+    cpu, memory = lenient(lambda: _cpu_memory(pod), (0, 0))
     started = _timestamp(status.get("startTime")) or _timestamp(meta.get("creationTimestamp"))
-    return PodInfo(
-        uid=meta["uid"],
-        name=pod_key(pod),
-        node=spec["nodeName"],
+    info = PodInfo(
+        uid=str(meta["uid"]),
+        name=key,
+        node=str(spec["nodeName"]),
         gpus=gpus,
         priority=priority,
         cpu_milli=cpu,
         memory_mib=memory,
         preemptible=priority < SYSTEM_PRIORITY,
-        workload=controller,
+        workload=_controller(meta),
         start_time=started or 0.0,
-        checkpoint_interval_s=float(interval) if interval else None,
+        checkpoint_interval_s=lenient(lambda: checkpoint_interval(pod), None),
     )
+    return info, problems
 
 
 def node_info(node: dict[str, Any], published: NodeShape | None = None) -> NodeInfo:
@@ -271,14 +366,14 @@ def _shape_of_spec(key: bytes) -> NodeShape:
 
 @dataclass(frozen=True)
 class ReservationRecord:
-    """The ``tidal.dev/reservation`` annotation on a preemptor pod."""
+    """A preemptor's plan, kept in its ``tidal.dev/reservation`` pod condition (JSON message)."""
 
     node: str
     gpus: tuple[int, ...]
     victims: tuple[str, ...]
     expires_at: float
 
-    def to_annotation(self) -> str:
+    def to_message(self) -> str:
         expires = dt.datetime.fromtimestamp(self.expires_at, dt.UTC).isoformat()
         return json.dumps(
             {
@@ -296,15 +391,52 @@ class ReservationRecord:
         )
 
     @staticmethod
-    def parse(text: str, owner: str) -> ReservationRecord:
-        field = f"metadata.annotations[{RESERVATION}]"
+    def parse(text: object, owner: str) -> ReservationRecord:
+        """Checks every field (types and ranges), so a record that parses is safe to apply."""
+        field = f"status.conditions[{RESERVATION}].message"
+
+        def refuse(problem: str) -> ObjectError:
+            return ObjectError("pod", owner, field, f"not a reservation record: {problem}")
+
         try:
-            data = json.loads(text)
-            return ReservationRecord(
-                node=str(data["node"]),
-                gpus=tuple(int(g) for g in data["gpus"]),
-                victims=tuple(str(v) for v in data["victims"]),
-                expires_at=_timestamp(str(data["expiresAt"])) or 0.0,
-            )
-        except (ValueError, KeyError, TypeError) as error:
-            raise ObjectError("pod", owner, field, f"not a reservation record: {error}") from None
+            data = json.loads(text) if isinstance(text, str) else None
+        except ValueError as error:
+            raise refuse(str(error)) from None
+        if not isinstance(data, dict):
+            raise refuse("expected a JSON object")
+        node, gpus, victims = data.get("node"), data.get("gpus"), data.get("victims")
+        if not isinstance(node, str) or not node:
+            raise refuse("'node' must be a node name")
+        if not isinstance(gpus, list) or not _is_index_list(gpus):
+            raise refuse(f"'gpus' must be distinct GPU indices 0..{_MAX_GPUS - 1}, got {gpus!r}")
+        if not isinstance(victims, list) or not all(isinstance(v, str) for v in victims):
+            raise refuse("'victims' must be a list of pod UIDs")
+        expires = _timestamp(data.get("expiresAt"))
+        if expires is None:
+            raise refuse("'expiresAt' must be an RFC 3339 time")
+        return ReservationRecord(node, tuple(gpus), tuple(victims), expires)
+
+
+_MAX_GPUS = 64  # more GPUs than any node has; bounds the masks a record can make
+
+
+def _is_index_list(value: object) -> bool:
+    if not isinstance(value, list) or not value:
+        return False
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return ints and all(0 <= v < _MAX_GPUS for v in value) and len(set(value)) == len(value)
+
+
+def reservation_message(pod: dict[str, Any]) -> str | None:
+    """The message of the pod's live ``tidal.dev/reservation`` condition, if it has one."""
+    status = pod.get("status")
+    conditions = status.get("conditions") if isinstance(status, dict) else None
+    for condition in conditions if isinstance(conditions, list) else []:
+        if (
+            isinstance(condition, dict)
+            and condition.get("type") == RESERVATION
+            and condition.get("status") == "True"
+        ):
+            message = condition.get("message")
+            return message if isinstance(message, str) else ""
+    return None

@@ -26,8 +26,13 @@ def _pod(body: dict[str, Any], verb: str) -> dict[str, Any]:
     if not isinstance(pod, dict):
         raise WireError(f"{verb}: field 'Pod' is required and must be an object")
     meta = pod.get("metadata")
-    if not isinstance(meta, dict) or not meta.get("uid") or not meta.get("name"):
-        raise WireError(f"{verb}: field 'Pod.metadata' needs name and uid")
+    if not isinstance(meta, dict):
+        raise WireError(f"{verb}: field 'Pod.metadata' is required and must be an object")
+    for key in ("name", "uid"):
+        if not isinstance(meta.get(key), str) or not meta[key]:
+            raise WireError(f"{verb}: field 'Pod.metadata.{key}' must be a non-empty string")
+    if not isinstance(meta.get("namespace", ""), str):
+        raise WireError(f"{verb}: field 'Pod.metadata.namespace' must be a string")
     return pod
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -168,3 +170,34 @@ def test_bad_annotations_neither_freeze_the_cache_nor_free_held_gpus(
     core.delete_namespaced_pod("first", ns, grace_period_seconds=0)
     assert gpus_of(bound(core, ns, "second")) == {4, 5, 6, 7}
     assert_disjoint(node_allocations(core, node))
+
+
+def kill_9(cluster: LocalCluster, name: str) -> None:
+    component = cluster.components[name]
+    assert component.pid is not None
+    os.killpg(component.pid, signal.SIGKILL)
+    component.stop()  # reaps it
+
+
+def test_kill_9_and_a_control_plane_restart_lose_no_pod_and_double_allocate_nothing(
+    core: Any, ns: str, cluster: LocalCluster
+) -> None:
+    node = NODES[0][0]
+    core.create_namespaced_pod(ns, running_batch("held", node, [0, 1]))
+    wait_for(lambda: batch_pods(core, ns) == {"held"}, "the running pod")
+    kill_9(cluster, "tidal-extender")
+    for name in ("kube-apiserver", "etcd"):  # etcd and the API server go down and come back
+        cluster.components[name].stop()
+    for name in ("etcd", "kube-apiserver", "tidal-extender"):
+        cluster.components[name].start()
+        cluster.components[name].wait_healthy(cluster.options.startup_timeout_s)
+    for i in range(3):
+        pod = gpu_pod(f"pair-{i}", 2)
+        pod["spec"]["priorityClassName"] = BATCH
+        pod["spec"]["nodeSelector"] = {"kubernetes.io/hostname": node}
+        core.create_namespaced_pod(ns, pod)
+    pairs = [gpus_of(bound(core, ns, f"pair-{i}")) for i in range(3)]
+    assert all(len(p) == 2 and not p & {0, 1} for p in pairs)
+    assert_disjoint(node_allocations(core, node))
+    names = {p.metadata.name for p in core.list_namespaced_pod(ns).items}
+    assert names == {"held", "pair-0", "pair-1", "pair-2"}

@@ -1,4 +1,5 @@
-"""kube-scheduler reaches the extender over HTTPS (its `tlsConfig`), as the Helm chart runs it."""
+"""kube-scheduler reaches the extender over mutual TLS (its `tlsConfig` with a client
+certificate), as the Helm chart runs it when the two are in separate pods."""
 
 from __future__ import annotations
 
@@ -44,13 +45,20 @@ def test_scheduler_binds_through_the_extender_over_https(cluster: LocalCluster) 
     extender = cluster.options.extender
     assert extender is not None and extender.url_prefix.startswith("https://")
     config = yaml.safe_load((cluster.workdir / "scheduler-config.yaml").read_text())
-    assert config["extenders"][0]["tlsConfig"]["caFile"].endswith("ca.crt")
+    tls = config["extenders"][0]["tlsConfig"]
+    assert tls["caFile"].endswith("ca.crt") and tls["certFile"].endswith("scheduler-client.crt")
     # the extender speaks only TLS, with a certificate the cluster CA vouches for
     plain = extender.url_prefix.replace("https://", "http://") + "/readyz"
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         urllib.request.urlopen(plain, timeout=5)
-    verified = ssl.create_default_context(cafile=extender.ca_file)
-    assert urllib.request.urlopen(f"{extender.url_prefix}/readyz", context=verified).status == 200
+    # ... and only to callers with a client certificate the CA signed
+    anonymous = ssl.create_default_context(cafile=extender.ca_file)
+    with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+        urllib.request.urlopen(f"{extender.url_prefix}/readyz", context=anonymous, timeout=5)
+    scheduler = ssl.create_default_context(cafile=extender.ca_file)
+    assert extender.cert_file is not None and extender.key_file is not None
+    scheduler.load_cert_chain(extender.cert_file, extender.key_file)
+    assert urllib.request.urlopen(f"{extender.url_prefix}/readyz", context=scheduler).status == 200
 
     core: Any = client.CoreV1Api(cluster.api_client())
     namespace = f"tls-{uuid.uuid4().hex[:8]}"

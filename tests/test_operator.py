@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tidal.operator.crds import custom_resource_definitions
+from tidal.operator.kube import OperatorApiError
 from tidal.operator.planner import plan_job, plan_service, scale_down_order, scheduled_replicas
 from tidal.operator.reconciler import Reconciler
 from tidal.operator.spec import ObservedPod, observe_pod, parse_job, parse_service
@@ -258,6 +259,7 @@ class MemoryKube:
         self.pods: dict[str, dict[str, Any]] = {}
         self.uids = itertools.count()
         self.fail_creates_after: int | None = None
+        self.deleted: list[tuple[str, int | None]] = []
 
     def get_object(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         obj = self.objects.get((kind, name))
@@ -270,11 +272,16 @@ class MemoryKube:
         self.objects[("LLMService", name)]["spec"]["replicas"] = replicas
 
     def owned_pods(self, label: str, namespace: str, name: str) -> list[dict[str, Any]]:
+        if len(name) > 63:  # as the API server: an invalid label selector
+            raise OperatorApiError(400, f"list pods: invalid label selector {label}={name}")
         return [
             copy.deepcopy(p)
             for p in self.pods.values()
             if p["metadata"]["labels"].get(label) == name
         ]
+
+    def namespace_pods(self, namespace: str) -> list[dict[str, Any]]:
+        return [copy.deepcopy(p) for p in self.pods.values()]
 
     def create_pod(self, pod: dict[str, Any]) -> bool:
         if self.fail_creates_after is not None:
@@ -290,8 +297,12 @@ class MemoryKube:
         self.pods[name] = pod
         return True
 
-    def delete_pod(self, namespace: str, name: str) -> None:
+    def delete_pod(self, namespace: str, name: str, grace_s: int | None = None) -> None:
         self.pods.pop(name, None)
+        self.deleted.append((name, grace_s))
+
+    def pods_on_node(self, node: str) -> list[dict[str, Any]]:
+        return [copy.deepcopy(p) for p in self.pods.values() if p["spec"].get("nodeName") == node]
 
     def node_free_gpus(self, nodes: Any) -> dict[str, int]:
         return {}

@@ -7,6 +7,7 @@ Nodes are two DGX-1V (hybrid cube-mesh, NVLink quads {0,1,2,3} and {4,5,6,7}): 1
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,97 @@ BAD_OBJECTS = [
         "output.uri must differ from input.uri",
     ),
     (
+        "output-differs-only-by-a-slash",
+        batch_job("bad-slash", 1, 1, output={"uri": "s3://in/docs"}),
+        "output.uri must differ from input.uri",
+    ),
+    (
+        "output-inside-input",
+        batch_job("bad-nested", 1, 1, output={"uri": "s3://in/docs/out/"}),
+        "output.uri must differ from input.uri",
+    ),
+    (
+        "uri-with-a-space",
+        batch_job("bad-space", 1, 1, input={"uri": "hf:// org/m"}),
+        "spec.input.uri",
+    ),
+    (
+        "file-uri-to-a-system-path",
+        batch_job("bad-file", 1, 1, output={"uri": "file:///etc/shadow"}),
+        "a file:// URI must be an absolute path",
+    ),
+    (
+        "uri-with-dot-dot",
+        batch_job("bad-dots", 1, 1, output={"uri": "s3://out/../in/docs/"}),
+        "must not contain '.' or '..' path segments",
+    ),
+    (
+        # A. The extender trusts tidal.dev/reservation: no user may forge one through the operator.
+        "forged-reservation",
+        service("bad-note", 1, 1, podMetadata={"annotations": {"tidal.dev/reservation": "{}"}}),
+        'spec.podMetadata.annotations: Invalid value: "object": key tidal.dev/reservation is '
+        "reserved",
+    ),
+    (
+        "owner-label-of-another-service",
+        service("bad-label", 1, 1, podMetadata={"labels": {"tidal.dev/llmservice": "victim"}}),
+        "key tidal.dev/llmservice is reserved",
+    ),
+    (
+        "kubernetes-reserved-key",
+        batch_job("bad-k8s", 1, 1, podMetadata={"labels": {"kubernetes.io/hostname": "n1"}}),
+        "key kubernetes.io/hostname is reserved",
+    ),
+    (
+        "invalid-label-key",
+        service("bad-key", 1, 1, podMetadata={"labels": {"not a key": "x"}}),
+        'spec.podMetadata.labels: Invalid value: "object": keys must be qualified names',
+    ),
+    (
+        "invalid-label-value",
+        service("bad-value", 1, 1, podMetadata={"labels": {"team": "a b"}}),
+        "spec.podMetadata.labels.team",
+    ),
+    (
+        # B. Each replica is one pod; the extender refuses 'rack' for a single pod.
+        "rack-tier",
+        service("bad-rack", 1, 1, topology={"mode": "guaranteed", "tier": "rack"}),
+        'spec.topology.tier: Unsupported value: "rack"',
+    ),
+    (
+        # C. The name is its pods' label value (at most 63 characters).
+        "name-too-long",
+        service("n" * 64, 1, 1),
+        "metadata.name must be at most 63 characters",
+    ),
+    (
+        # D. A bad quantity is refused here, not as a 422 on the operator's pod create.
+        "cpu-not-a-quantity",
+        service("bad-cpu", 1, 1, resources={"cpu": "lots", "memory": "1Gi"}),
+        "spec.resources.cpu: Invalid value",
+    ),
+    (
+        "memory-zero",
+        service("bad-mem", 1, 1, resources={"cpu": "1", "memory": "0"}),
+        "must be a positive quantity such as 512Mi or 32Gi",
+    ),
+    (
+        "image-with-a-space",
+        service("bad-image", 1, 1, image="busy box"),
+        "spec.image",
+    ),
+    (
+        # E. Free text would let batch work run at system-node-critical.
+        "system-priority-class",
+        batch_job("bad-prio", 1, 1, priorityClassName="system-node-critical"),
+        'spec.priorityClassName: Unsupported value: "system-node-critical"',
+    ),
+    (
+        "batch-job-at-online-priority",
+        batch_job("bad-online", 1, 1, priorityClassName="tidal-online"),
+        'spec.priorityClassName: Unsupported value: "tidal-online"',
+    ),
+    (
         "no-input",
         {
             **batch_job("bad-missing", 1, 1),
@@ -216,6 +308,35 @@ def test_immutable_batch_fields_cannot_change(cluster: LocalCluster, custom: Any
     assert result.returncode != 0
     assert "spec.tensorParallel: Invalid value" in result.stderr
     assert "is immutable" in result.stderr
+
+
+GOOD_OBJECTS = [
+    service(
+        "a" * 63,  # the longest name
+        1,
+        1,
+        resources={"cpu": 2, "memory": "1.5Gi"},
+        podMetadata={
+            "labels": {"app.kubernetes.io/part-of": "chat", "team": "search"},
+            "annotations": {
+                "example.com/owner": "me",
+                "cluster-autoscaler.kubernetes.io/x": "keep",
+            },
+        },
+        priorityClassName="tidal-batch",
+    ),
+    service("milli", 1, 1, resources={"cpu": "500m", "memory": "512Mi"}),
+    batch_job("files", 1, 1, input={"uri": "file:///data/in/"}, output={"uri": "s3://in/docs2/"}),
+]
+
+
+@pytest.mark.parametrize("obj", GOOD_OBJECTS, ids=["edges", "milli", "files"])
+def test_objects_at_the_edges_of_the_rules_are_accepted(
+    cluster: LocalCluster, ns: str, obj: dict[str, Any]
+) -> None:
+    text = yaml.safe_dump(obj)
+    result = kubectl(cluster, "apply", "--dry-run=server", "-n", ns, "-f", "-", stdin=text)
+    assert result.returncode == 0, result.stderr
 
 
 def test_examples_are_accepted(cluster: LocalCluster, ns: str) -> None:
@@ -267,8 +388,17 @@ def test_service_lifecycle_create_scale_status_delete(
 
 
 def test_batch_job_completes(core: Any, custom: Any, ns: str) -> None:
-    notes = {"tidal.dev/kwok-complete-after": "2s"}
-    create(custom, ns, batch_job("short", 1, 2, podMetadata={"annotations": notes}))
+    create(custom, ns, batch_job("short", 1, 2))
+    # KWOK's stand-in for work done; podMetadata may not carry a tidal.dev/ key, so the test
+    # annotates the running workers itself.
+    notes = {"metadata": {"annotations": {"tidal.dev/kwok-complete-after": "2s"}}}
+
+    def running() -> list[Any] | None:
+        pods = [p for p in live(pods_of(core, ns, "llmbatchjob", "short"))]
+        return pods if len(pods) == 2 and all(p.status.phase == "Running" for p in pods) else None
+
+    for pod in wait_for(running, "2 workers running", 60):
+        core.patch_namespaced_pod(pod.metadata.name, ns, notes)
 
     def done() -> Any:
         status = get(custom, ns, "llmbatchjobs", "short").get("status") or {}
@@ -353,3 +483,69 @@ def test_operator_restart_mid_reconcile_duplicates_and_loses_nothing(
         gpus = {int(g) for g in pod.metadata.annotations["tidal.dev/gpus"].split(",")}
         assert not gpus & held.get(pod.spec.node_name, set()), "a GPU was handed out twice"
         held.setdefault(pod.spec.node_name, set()).update(gpus)
+
+
+def events_of(core: Any, ns: str, name: str, reason: str) -> list[Any]:
+    selector = f"involvedObject.name={name},reason={reason}"
+    return list(core.list_namespaced_event(ns, field_selector=selector).items)
+
+
+def condition_of(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    conditions = {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or ()}
+    found: dict[str, Any] = conditions.get(kind, {})
+    return found
+
+
+def test_a_spec_error_shows_on_the_object_once_and_a_fixed_spec_recovers(
+    core: Any, custom: Any, ns: str
+) -> None:
+    """D. timeZone cannot be checked by the API server: the operator says so on the object (a
+    phase, a Degraded condition naming the field, an Event) and does not retry until the spec
+    changes."""
+    autoscaling = {"maxReplicas": 1, "timeZone": "Mars/Base"}
+    create(custom, ns, service("mars", 1, 1, autoscaling=autoscaling))
+
+    def degraded() -> Any:
+        obj = get(custom, ns, "llmservices", "mars")
+        cond = condition_of(obj, "Degraded")
+        return obj if cond.get("reason") == "InvalidSpec" else None
+
+    obj = wait_for(degraded, "mars to be Degraded with reason InvalidSpec", 60)
+    assert obj["status"]["phase"] == "Degraded"
+    message = condition_of(obj, "Degraded")["message"]
+    assert message.startswith("spec.autoscaling.timeZone: 'Mars/Base' is not an IANA time zone")
+    events = wait_for(lambda: events_of(core, ns, "mars", "InvalidSpec"), "an InvalidSpec Event")
+    assert events[0].type == "Warning" and "Mars/Base" in events[0].message
+    assert not pods_of(core, ns, "llmservice", "mars")
+    # The timer (every 15 s) leaves a refused generation alone: no Event storm, no retries.
+    time.sleep(20)
+    assert len(events_of(core, ns, "mars", "InvalidSpec")) == 1
+
+    patch = {"spec": {"autoscaling": {"timeZone": "Europe/Berlin"}}}
+    custom.patch_namespaced_custom_object(GROUP, VERSION, ns, "llmservices", "mars", patch)
+
+    def recovered() -> Any:
+        obj = get(custom, ns, "llmservices", "mars")
+        ok = condition_of(obj, "Degraded").get("status") == "False"
+        return obj if ok and (obj.get("status") or {}).get("readyReplicas") == 1 else None
+
+    wait_for(recovered, "mars to recover once its time zone is fixed", 60)
+
+
+def test_a_replica_the_scheduler_cannot_place_says_why_on_the_service(custom: Any, ns: str) -> None:
+    """B. No node has 1,000 cores: after a short while the service says what the scheduler
+    answers, instead of Progressing forever with Degraded=False."""
+    create(custom, ns, service("huge", 1, 1, resources={"cpu": "1000", "memory": "1Gi"}))
+
+    def reported() -> Any:
+        obj = get(custom, ns, "llmservices", "huge")
+        return obj if condition_of(obj, "Progressing").get("reason") == "Unschedulable" else None
+
+    obj = wait_for(reported, "huge to report its replica unschedulable", 90, every_s=1)
+    progressing = condition_of(obj, "Progressing")
+    assert progressing["status"] == "False"
+    assert progressing["message"].startswith("huge-0 (0/2 nodes are available")
+    assert "cpu" in progressing["message"]
+    degraded = condition_of(obj, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "Unschedulable"
+    assert obj["status"]["phase"] == "Degraded"

@@ -21,6 +21,16 @@ Kubeconfig = Annotated[
     ),
 ]
 
+AllowedPriorityClasses = Annotated[
+    str,
+    typer.Option(
+        "--allowed-priority-classes",
+        envvar="TIDAL_OPERATOR_ALLOWED_PRIORITY_CLASSES",
+        help="PriorityClasses workloads may name beyond tidal-online / tidal-batch "
+        "(comma-separated); the CRDs and the operator must be given the same list.",
+    ),
+]
+
 
 @app.command("run")
 def run_command(
@@ -47,8 +57,10 @@ def run_command(
         bool, typer.Option("--install-crds", help="Apply the CRDs and PriorityClasses first.")
     ] = False,
     log_level: Annotated[str, typer.Option(envvar="TIDAL_OPERATOR_LOG_LEVEL")] = "info",
+    allowed_priority_classes: AllowedPriorityClasses = "",
 ) -> None:
     """Reconcile LLMService and LLMBatchJob objects until interrupted."""
+    from tidal.operator.crds import parse_priority_classes  # noqa: PLC0415
     from tidal.operator.run import OperatorOptions, run_operator  # noqa: PLC0415 - kopf is heavy
 
     if log_level not in ("debug", "info", "warning", "error"):
@@ -65,17 +77,22 @@ def run_command(
             liveness=liveness,
             peering=peering,
             install=install_crds,
+            extra_priority_classes=parse_priority_classes(allowed_priority_classes),
         )
     )
 
 
 @app.command("install-crds")
-def install_command(kubeconfig: Kubeconfig = None) -> None:
+def install_command(
+    kubeconfig: Kubeconfig = None, allowed_priority_classes: AllowedPriorityClasses = ""
+) -> None:
     """Apply the CRDs, the PriorityClasses and the operator's ClusterRole (server-side apply)."""
     from tidal.kubeclient import api_client  # noqa: PLC0415
+    from tidal.operator.crds import parse_priority_classes  # noqa: PLC0415
     from tidal.operator.kube import install  # noqa: PLC0415
 
-    for applied in install(api_client(kubeconfig)):
+    extra = parse_priority_classes(allowed_priority_classes)
+    for applied in install(api_client(kubeconfig), extra_priority_classes=extra):
         typer.echo(f"applied {applied}")
 
 
@@ -84,10 +101,16 @@ def manifests_command(
     namespace: Annotated[
         str, typer.Option(help="Namespace of the operator's ServiceAccount.")
     ] = "tidal-system",
+    allowed_priority_classes: AllowedPriorityClasses = "",
 ) -> None:
     """Print the CRDs, PriorityClasses, the operator's ClusterRole, ServiceAccount and binding
     as YAML (for kubectl apply or a chart)."""
-    from tidal.operator.crds import manifests, operator_identity  # noqa: PLC0415
+    from tidal.operator.crds import (  # noqa: PLC0415
+        manifests,
+        operator_identity,
+        parse_priority_classes,
+    )
 
-    objects = [*manifests(), *operator_identity(namespace)]
+    extra = parse_priority_classes(allowed_priority_classes)
+    objects = [*manifests(extra), *operator_identity(namespace)]
     typer.echo(yaml.safe_dump_all(objects, sort_keys=False), nl=False)

@@ -20,11 +20,52 @@ CATEGORY = "tidal"
 TP_SIZES = [1, 2, 4, 8]
 TOPOLOGY_MODES = ["guaranteed", "best-effort", "none"]
 TOPOLOGY_TIERS = ["nvlink", "pcie-switch", "numa", "socket", "node", "rack"]
+# The operator creates one pod per replica / worker, never a gang, and the scheduler extender
+# refuses 'rack' for a single pod ("'rack' applies to gangs only"): a workload asking for it
+# would stay Pending forever, so the API server refuses it instead.
+WORKLOAD_TIERS = [t for t in TOPOLOGY_TIERS if t != "rack"]
 ONLINE_PRIORITY_CLASS = "tidal-online"
 BATCH_PRIORITY_CLASS = "tidal-batch"
+# The PriorityClasses each kind may name without configuration. A service may run at batch
+# priority (lower, harmless); a batch job may not run at online priority, which would let
+# batch work preempt (tidal-online preempts lower priorities; tidal-batch never preempts).
+SERVICE_PRIORITY_CLASSES = (ONLINE_PRIORITY_CLASS, BATCH_PRIORITY_CLASS)
+JOB_PRIORITY_CLASSES = (BATCH_PRIORITY_CLASS,)
+# metadata.name of an LLMService / LLMBatchJob becomes the value of the tidal.dev/llmservice
+# (or llmbatchjob) and app.kubernetes.io/instance labels of its pods and of the selector the
+# operator lists them by; a label value is at most 63 characters, so that is the bound. The pod
+# names derived from it stay far inside a pod name's 253 (a DNS subdomain): a job's worker is
+# "{job}-{index}-{attempt}", 63 + 1 + 4 (index < parallelism <= 1024) + 1 + digits of the
+# attempt (one per failure or preemption; backoffLimit <= 100, maxPreemptions unbounded but
+# an attempt would need 184 digits to overflow), and a replica is "{service}-{index}",
+# 63 + 1 + 4 (index < 2 * 1000 replicas while old ones terminate).
+MAX_NAME_LENGTH = 63
+# Label and annotation keys the user may not set on worker pods: tidal.dev/ (and its
+# subdomains) carries what the operator and the scheduler extender write and trust (owner
+# labels, GPU sets, reservations, topology), and kubernetes.io/ and k8s.io/ are reserved by
+# Kubernetes for its core components (kubernetes.io/hostname, …). Subdomains of those two
+# (app.kubernetes.io/part-of, cluster-autoscaler.kubernetes.io/safe-to-evict) are meant for
+# users and tools and stay allowed; the operator's own app.kubernetes.io/ labels win anyway.
+RESERVED_KEY_PATTERN = r"^(([^/]*\.)?tidal\.dev|kubernetes\.io|k8s\.io)/"
+# A qualified name, as Kubernetes checks label and annotation keys: an optional DNS-subdomain
+# prefix and "/", then a name of alphanumerics, '-', '_' and '.' (lengths checked apart).
+QUALIFIED_KEY_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+# A Kubernetes resource quantity (4, 500m, 1.5, 32Gi, 1e3), positive.
+QUANTITY_PATTERN = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
 OPERATOR = "tidal-operator"  # its ServiceAccount, ClusterRole and binding
 DEFAULT_IMAGE = "ghcr.io/tidal-llm/tidal-worker:0.1.0"
-_URI_PATTERN = r"^(hf|s3|gs|az|pvc|file|https?)://.+"
+# A scheme, then no whitespace or control character anywhere (the URI is passed to the worker
+# verbatim). file:// must be an absolute path outside the system directories of the worker's
+# image, and without "." or ".." segments (the CEL rules of _uri).
+_URI_PATTERN = r"^(hf|s3|gs|az|pvc|file|https?)://[^\s\x00-\x1f\x7f]+$"
+SYSTEM_PATHS = ["bin", "boot", "dev", "etc", "lib", "lib64", "proc", "root", "run", "sbin", "sys"]
+SYSTEM_PATHS += ["usr", "var"]
+_FILE_SYSTEM_PATH = "^file:///+(" + "|".join(SYSTEM_PATHS) + ")(/|$)"
+_DOT_SEGMENT = r"(^|/)\.\.?(/|$)"
 _CLOCK_PATTERN = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"
 
 
@@ -55,18 +96,42 @@ def _immutable(schema: dict[str, Any]) -> dict[str, Any]:
     return {**schema, "x-kubernetes-validations": [rule]}
 
 
+def _cel(text: str) -> str:
+    """``text`` as a CEL string literal (regular expressions carry backslashes)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _uri(description: str) -> dict[str, Any]:
+    path = "self.substring(self.indexOf('://') + 3)"
+    rules = [
+        {
+            "rule": "!self.startsWith('file://') || self.startsWith('file:///')"
+            f" && !self.matches({_cel(_FILE_SYSTEM_PATH)})",
+            "message": "a file:// URI must be an absolute path (file:///data/…) outside the "
+            "system directories /" + ", /".join(SYSTEM_PATHS),
+        },
+        {
+            "rule": f"!{path}.matches({_cel(_DOT_SEGMENT)})",
+            "message": "must not contain '.' or '..' path segments",
+        },
+    ]
+    return _str(
+        pattern=_URI_PATTERN,
+        maxLength=2048,
+        description=description,
+        **{"x-kubernetes-validations": rules},
+    )
+
+
 def _location(what: str) -> dict[str, Any]:
-    uri = _str(pattern=_URI_PATTERN, description=f"Where the {what} is (hf://, s3://, pvc://…).")
+    uri = _uri(f"Where the {what} is (hf://, s3://, pvc://…).")
     return _obj({"uri": uri}, ["uri"], description=f"The job's {what}.")
 
 
 MODEL = _obj(
     {
         "name": _str(minLength=1, maxLength=253, description="Served model name (OpenAI API)."),
-        "uri": _str(
-            pattern=_URI_PATTERN,
-            description="Weights in Hugging Face layout: hf://org/name, s3://…, pvc://claim/path.",
-        ),
+        "uri": _uri("Weights in Hugging Face layout: hf://org/name, s3://…, pvc://claim/path."),
         "dtype": _str(enum=["bfloat16", "float16", "int8"], default="bfloat16"),
         "attention": _str(
             enum=["int8", "fp16"], default="int8", description="Attention kernel of the worker."
@@ -82,39 +147,112 @@ TOPOLOGY = _obj(
             enum=TOPOLOGY_MODES,
             description="guaranteed: only aligned GPU sets; best-effort: prefer them; none.",
         ),
-        "tier": _str(enum=TOPOLOGY_TIERS, default="nvlink", description="Alignment wanted."),
+        "tier": _str(
+            enum=WORKLOAD_TIERS,
+            default="nvlink",
+            description="Alignment wanted ('rack' is for gangs, which no workload here is).",
+        ),
     },
     description="How the GPUs of one tensor-parallel group must sit together.",
 )
 
+
+def _quantity(default: str, example: str) -> dict[str, Any]:
+    """A positive resource quantity, as a number or a string: a bad one is refused here, not
+    when the operator's pod create comes back 422."""
+    return {
+        "x-kubernetes-int-or-string": True,
+        "default": default,
+        "x-kubernetes-validations": [
+            {
+                "rule": "type(self) == int ? self > 0 : "
+                "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))",
+                "message": f"must be a positive quantity such as {example}",
+            }
+        ],
+    }
+
+
 RESOURCES = _obj(
-    {
-        "cpu": {"x-kubernetes-int-or-string": True, "default": "4"},
-        "memory": {"x-kubernetes-int-or-string": True, "default": "32Gi"},
-    },
+    {"cpu": _quantity("4", "500m or 4"), "memory": _quantity("32Gi", "512Mi or 32Gi")},
     description="CPU and memory of each pod (GPUs come from tensorParallel).",
     default={},
 )
 
+_RESERVED_KEYS = f"self.filter(k, k.matches({_cel(RESERVED_KEY_PATTERN)}))"
+_KEY_RULES = [
+    {
+        "rule": f"self.all(k, k.matches({_cel(QUALIFIED_KEY_PATTERN)})"
+        " && k.substring(k.lastIndexOf('/') + 1).size() <= 63 && k.lastIndexOf('/') <= 253)",
+        "message": "keys must be qualified names: an optional DNS-subdomain prefix and '/', "
+        "then at most 63 characters of alphanumerics, '-', '_' and '.'",
+    },
+    {
+        "rule": f"{_RESERVED_KEYS}.size() == 0",
+        "message": "the tidal.dev/, kubernetes.io/ and k8s.io/ prefixes are reserved",
+        "messageExpression": f"'key ' + {_RESERVED_KEYS}[0] + ' is reserved: the tidal.dev/, "
+        "kubernetes.io/ and k8s.io/ prefixes are set by tidal and Kubernetes, not podMetadata'",
+    },
+]
+# Bounded so the API server can bound the cost of the CEL rules over the keys.
+_MAX_KEYS = 64
 
-_STRING_MAP = {"type": "object", "additionalProperties": _str()}
+
+def _string_map(values: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": values,
+        "maxProperties": _MAX_KEYS,
+        "x-kubernetes-validations": _KEY_RULES,
+    }
 
 
-def _workload_properties(priority_class: str) -> dict[str, Any]:
+POD_METADATA = _obj(
+    {
+        "labels": _string_map(_str(maxLength=63, pattern=LABEL_VALUE_PATTERN)),
+        "annotations": _string_map(_str(maxLength=16384)),
+    },
+    description="Labels and annotations added to every worker pod (not in tidal.dev/, "
+    "kubernetes.io/ or k8s.io/).",
+)
+
+
+def _workload_properties(priority_classes: tuple[str, ...]) -> dict[str, Any]:
     return {
         "model": MODEL,
         "tensorParallel": _int(
             enum=TP_SIZES, default=1, description="GPUs per replica / worker (1, 2, 4 or 8)."
         ),
-        "priorityClassName": _str(default=priority_class, minLength=1),
-        "resources": RESOURCES,
-        "image": _str(default=DEFAULT_IMAGE, minLength=1),
-        "args": {"type": "array", "items": _str(), "description": "Extra worker arguments."},
-        "podMetadata": _obj(
-            {"labels": _STRING_MAP, "annotations": _STRING_MAP},
-            description="Labels and annotations added to every worker pod.",
+        # Free text would let a batch job run at system-node-critical: never preempted, and
+        # preempting anything. The first entry is the kind's default.
+        "priorityClassName": _str(
+            default=priority_classes[0],
+            enum=list(priority_classes),
+            description="One of the PriorityClasses the operator is configured to allow.",
         ),
+        "resources": RESOURCES,
+        "image": _str(
+            default=DEFAULT_IMAGE,
+            minLength=1,
+            maxLength=1024,
+            pattern=r"^\S+$",
+            description="The worker image (no whitespace).",
+        ),
+        "args": {"type": "array", "items": _str(), "description": "Extra worker arguments."},
+        "podMetadata": POD_METADATA,
     }
+
+
+def allowed_priority_classes(kind: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The PriorityClasses ``kind`` may name: its defaults (the kind's own first), then
+    ``extra`` (the operator's configured list), without repeats."""
+    base = SERVICE_PRIORITY_CLASSES if kind == "LLMService" else JOB_PRIORITY_CLASSES
+    return tuple(dict.fromkeys((*base, *extra)))
+
+
+def parse_priority_classes(text: str) -> tuple[str, ...]:
+    """``TIDAL_OPERATOR_ALLOWED_PRIORITY_CLASSES``: names separated by commas or spaces."""
+    return tuple(n for n in text.replace(",", " ").split() if n)
 
 
 SCHEDULE_ENTRY = _obj(
@@ -161,48 +299,65 @@ AUTOSCALING = _obj(
     },
 )
 
-SERVICE_SPEC = _obj(
-    {
-        **_workload_properties(ONLINE_PRIORITY_CLASS),
-        "replicas": _int(0, 1000, default=1),
-        "autoscaling": AUTOSCALING,
-        "topology": {**TOPOLOGY, "default": {"mode": "guaranteed", "tier": "nvlink"}},
-        "port": _int(1, 65535, default=8000),
-    },
-    ["model"],
-)
 
-JOB_SPEC = _obj(
-    {
-        **_workload_properties(BATCH_PRIORITY_CLASS),
-        "model": _immutable(MODEL),
-        "tensorParallel": _immutable(_workload_properties("")["tensorParallel"]),
-        "parallelism": _immutable(
-            _int(1, 1024, default=1, description="Worker pods, each one tensor-parallel group.")
-        ),
-        "input": _immutable(_location("input")),
-        "output": _immutable(_location("output")),
-        "topology": {**TOPOLOGY, "default": {"mode": "best-effort", "tier": "nvlink"}},
-        "checkpointIntervalSeconds": _int(30, 86400, default=600),
-        "backoffLimit": _int(
-            0,
-            100,
-            default=3,
-            description="Failures before the job fails; preemptions do not count.",
-        ),
-        "maxPreemptions": _int(0, description="Fail the job after more preemptions than this."),
-    },
-    ["model", "input", "output"],
-    **{
-        "x-kubernetes-validations": [
-            {
-                "rule": "self.input.uri != self.output.uri",
-                "message": "output.uri must differ from input.uri",
-                "fieldPath": ".output.uri",
-            }
-        ]
-    },
-)
+def _dir(uri: str) -> str:
+    """CEL: ``uri`` with one trailing slash, so s3://a/b and s3://a/b/ compare as one place."""
+    return f"({uri}.endsWith('/') ? {uri} : {uri} + '/')"
+
+
+_INPUT, _OUTPUT = _dir("self.input.uri"), _dir("self.output.uri")
+
+
+def service_spec(priority_classes: tuple[str, ...] = SERVICE_PRIORITY_CLASSES) -> dict[str, Any]:
+    return _obj(
+        {
+            **_workload_properties(priority_classes),
+            "replicas": _int(0, 1000, default=1),
+            "autoscaling": AUTOSCALING,
+            "topology": {**TOPOLOGY, "default": {"mode": "guaranteed", "tier": "nvlink"}},
+            "port": _int(1, 65535, default=8000),
+        },
+        ["model"],
+    )
+
+
+def job_spec(priority_classes: tuple[str, ...] = JOB_PRIORITY_CLASSES) -> dict[str, Any]:
+    workload = _workload_properties(priority_classes)
+    return _obj(
+        {
+            **workload,
+            "model": _immutable(MODEL),
+            "tensorParallel": _immutable(workload["tensorParallel"]),
+            "parallelism": _immutable(
+                _int(1, 1024, default=1, description="Worker pods, each one tensor-parallel group.")
+            ),
+            "input": _immutable(_location("input")),
+            "output": _immutable(_location("output")),
+            "topology": {**TOPOLOGY, "default": {"mode": "best-effort", "tier": "nvlink"}},
+            "checkpointIntervalSeconds": _int(30, 86400, default=600),
+            "backoffLimit": _int(
+                0,
+                100,
+                default=3,
+                description="Failures before the job fails; preemptions do not count.",
+            ),
+            "maxPreemptions": _int(0, description="Fail the job after more preemptions than this."),
+        },
+        ["model", "input", "output"],
+        **{
+            "x-kubernetes-validations": [
+                {
+                    # Workers would read what they write (or overwrite their input) when one
+                    # location lies inside the other, or both are one place but for a slash.
+                    "rule": f"!{_OUTPUT}.startsWith({_INPUT}) && !{_INPUT}.startsWith({_OUTPUT})",
+                    "message": "output.uri must differ from input.uri: neither may lie inside "
+                    "the other, nor differ from it only by a trailing slash",
+                    "fieldPath": ".output.uri",
+                }
+            ]
+        },
+    )
+
 
 _CONDITION = _obj(
     {
@@ -388,7 +543,9 @@ def _crd(
     }
 
 
-def _root(spec: dict[str, Any], status: dict[str, Any], description: str) -> dict[str, Any]:
+def _root(
+    spec: dict[str, Any], status: dict[str, Any], description: str, **extra: Any
+) -> dict[str, Any]:
     return _obj(
         {
             "apiVersion": _str(),
@@ -399,17 +556,42 @@ def _root(spec: dict[str, Any], status: dict[str, Any], description: str) -> dic
         },
         ["spec"],
         description=description,
+        **extra,
     )
 
 
-def custom_resource_definitions() -> list[dict[str, Any]]:
-    """The three CRDs, ready to apply."""
+# Without it a long name is accepted, its pods cannot be labelled (422), and its pods cannot
+# even be listed by label for the finalizer (an invalid selector): see MAX_NAME_LENGTH.
+_NAME_RULE = {
+    "x-kubernetes-validations": [
+        {
+            "rule": f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
+            # The API server takes no fieldPath into metadata: the message names the field.
+            "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters "
+            "(it is the value of its pods' labels)",
+        }
+    ]
+}
+
+
+def custom_resource_definitions(
+    extra_priority_classes: tuple[str, ...] = (),
+) -> list[dict[str, Any]]:
+    """The three CRDs, ready to apply; ``extra_priority_classes`` are the PriorityClasses
+    the operator is configured to allow beyond tidal's own (``allowed_priority_classes``)."""
+    service_classes = allowed_priority_classes("LLMService", extra_priority_classes)
+    job_classes = allowed_priority_classes("LLMBatchJob", extra_priority_classes)
     service = _crd(
         "LLMService",
         "llmservices",
         "llmsvc",
         "Namespaced",
-        _root(SERVICE_SPEC, SERVICE_STATUS, "A long-running online LLM service."),
+        _root(
+            service_spec(service_classes),
+            SERVICE_STATUS,
+            "A long-running online LLM service.",
+            **_NAME_RULE,
+        ),
         [
             _column("Model", ".spec.model.name"),
             _column("TP", ".spec.tensorParallel", "integer"),
@@ -432,7 +614,12 @@ def custom_resource_definitions() -> list[dict[str, Any]]:
         "llmbatchjobs",
         "llmjob",
         "Namespaced",
-        _root(JOB_SPEC, JOB_STATUS, "Offline LLM work that may be preempted and resumes."),
+        _root(
+            job_spec(job_classes),
+            JOB_STATUS,
+            "Offline LLM work that may be preempted and resumes.",
+            **_NAME_RULE,
+        ),
         [
             _column("Model", ".spec.model.name"),
             _column("TP", ".spec.tensorParallel", "integer"),
@@ -587,10 +774,10 @@ def operator_identity(namespace: str) -> list[dict[str, Any]]:
     ]
 
 
-def manifests() -> list[dict[str, Any]]:
+def manifests(extra_priority_classes: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Everything the operator needs installed before it runs."""
     return [
-        *custom_resource_definitions(),
+        *custom_resource_definitions(extra_priority_classes),
         kopf_peering_crd(),
         *priority_classes(),
         operator_cluster_role(),

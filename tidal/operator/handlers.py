@@ -7,6 +7,7 @@ from a fresh read), so it does not matter which of them fires, how often, or aft
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -14,7 +15,7 @@ import kopf
 from tidal.operator.crds import GROUP
 from tidal.operator.kube import OperatorApiError
 from tidal.operator.planner import Event
-from tidal.operator.reconciler import Reconciler
+from tidal.operator.reconciler import ReconcileError, Reconciler
 from tidal.operator.spec import JOB_LABEL, SERVICE_LABEL
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,10 @@ KINDS = {"LLMService": "llmservices", "LLMBatchJob": "llmbatchjobs"}
 # Often enough to apply a schedule entry within a minute of its time, and to notice pods that
 # vanished while the operator was not watching.
 TIMER_INTERVAL_S = 15.0
+# How long the finalizer waits for the object's pods to go (a batch worker's grace period is
+# 120 s) before it lets the object go anyway: the pods' ownerReferences still have the garbage
+# collector delete them, and a namespace never hangs in Terminating on one of them.
+CLEANUP_TIMEOUT_S = 600.0
 
 
 def post_event(obj: dict[str, Any], event: Event) -> None:
@@ -31,13 +36,39 @@ def post_event(obj: dict[str, Any], event: Event) -> None:
     kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
 
-def _reconcile(reconciler: Reconciler, kind: str, namespace: str, name: str, **extra: Any) -> None:
+def _as_kopf_error(action: Callable[[], object]) -> None:
+    """Run ``action``; a failure (already on the object as an Event and a Degraded condition)
+    stops kopf's retries when permanent, else retries after a delay."""
     try:
-        reconciler.reconcile(kind, namespace, name, **extra)
-    except OperatorApiError as error:
-        if 400 <= error.status < 500 and error.status not in (404, 409, 429):
+        action()
+    except ReconcileError as error:
+        if error.permanent:
+            raise kopf.PermanentError(str(error)) from error
+        raise kopf.TemporaryError(str(error), delay=error.delay or 5) from error
+    except OperatorApiError as error:  # the object could not even be read
+        if error.permanent:
             raise kopf.PermanentError(str(error)) from error
         raise kopf.TemporaryError(str(error), delay=5) from error
+
+
+def _reconcile(reconciler: Reconciler, kind: str, namespace: str, name: str, **extra: Any) -> None:
+    _as_kopf_error(lambda: reconciler.reconcile(kind, namespace, name, **extra))
+
+
+def _tick(reconciler: Reconciler, kind: str, namespace: str, name: str, body: Any) -> None:
+    _as_kopf_error(lambda: reconciler.tick(kind, namespace, name, body))
+
+
+def cleanup_verdict(remaining: int, error: OperatorApiError | None, runtime_s: float) -> str:
+    """What the finalizer does next: "done" (no pods left), "wait" (retry), or "give-up"
+    (let the object go with a Warning Event; the garbage collector removes its pods by their
+    ownerReferences). A permanent API error or CLEANUP_TIMEOUT_S gives up: a finalizer that
+    can never finish would keep the object, and its namespace, forever."""
+    if error is None and remaining == 0:
+        return "done"
+    if (error is not None and error.permanent) or runtime_s >= CLEANUP_TIMEOUT_S:
+        return "give-up"
+    return "wait"
 
 
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
@@ -47,6 +78,19 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
     for label in (SERVICE_LABEL, JOB_LABEL):
         _register_pods(registry, reconciler, label)
 
+    @kopf.on.event("", "v1", "nodes", id="node-event", registry=registry)
+    def node_changed(**kwargs: Any) -> None:
+        # A deleted node takes its pods with it at once; until the pod garbage collector
+        # catches up (about a minute) they would still read Running.
+        event = kwargs["event"]
+        name = ((event.get("object") or {}).get("metadata") or {}).get("name")
+        if not name:
+            return
+        if event.get("type") == "DELETED":
+            reconciler.node_deleted(name)
+        else:
+            reconciler.node_added(name)
+
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         # Keep kopf's own bookkeeping in annotations: the status schema is tidal's.
@@ -54,10 +98,14 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=GROUP, key="last-handled-configuration"
         )
-        # Only kopf's warnings become Events; tidal posts its own (scaled, preempted, …).
+        # tidal posts its own Events (scaled, preempted, failures with their reasons); kopf's
+        # warnings and errors (a handler that failed) become Events too, not only log lines:
+        # kopf posts its loggers' records only with `loggers` on.
+        settings.posting.enabled = True
+        settings.posting.loggers = True
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 120
-        settings.batching.worker_limit = 64
+        settings.queueing.worker_limit = 64
 
 
 def _register_kind(
@@ -69,19 +117,39 @@ def _register_kind(
     @kopf.on.create(*resource, id="reconcile", registry=registry)
     @kopf.on.update(*resource, id="reconcile", registry=registry)
     def changed(**kwargs: Any) -> None:
-        _reconcile(reconciler, kind, kwargs["namespace"], kwargs["name"])
+        # A new spec (or a restarted operator) tries again what was refused before.
+        _reconcile(reconciler, kind, kwargs["namespace"], kwargs["name"], retry_refused=True)
 
     @kopf.timer(*resource, id="tick", interval=TIMER_INTERVAL_S, registry=registry)
     def tick(**kwargs: Any) -> None:
-        if kwargs["status"].get("phase") not in ("Succeeded", "Failed"):
-            _reconcile(reconciler, kind, kwargs["namespace"], kwargs["name"])
+        # Decided from kopf's cached body: a settled object costs its timer no API call.
+        _tick(reconciler, kind, kwargs["namespace"], kwargs["name"], kwargs["body"])
 
     @kopf.on.delete(*resource, id="cleanup", registry=registry)
     def deleted(**kwargs: Any) -> None:
-        # The finalizer stays until every pod is gone: no worker outlives its object.
-        remaining = reconciler.cleanup(kind, kwargs["namespace"], kwargs["name"])
-        if remaining:
-            raise kopf.TemporaryError(f"waiting for {remaining} pods to terminate", delay=2)
+        # The finalizer stays until every pod is gone (no worker outlives its object), unless
+        # cleanup cannot finish: see cleanup_verdict.
+        namespace, name = kwargs["namespace"], kwargs["name"]
+        uid = (kwargs.get("meta") or {}).get("uid", "")
+        remaining, failure = 0, None
+        try:
+            remaining = reconciler.cleanup(kind, namespace, name, uid)
+        except OperatorApiError as error:
+            failure = error
+        runtime = kwargs.get("runtime")
+        runtime_s = runtime.total_seconds() if runtime is not None else 0.0
+        verdict = cleanup_verdict(remaining, failure, runtime_s)
+        if verdict == "give-up":
+            why = str(failure) if failure else f"{remaining} pods still terminating"
+            message = (
+                f"cleanup gave up ({why}); the garbage collector deletes the remaining pods "
+                "by their ownerReferences"
+            )
+            post_event(kwargs["body"], Event("Warning", "CleanupFailed", message))
+            log.warning("%s %s/%s: %s", kind, namespace, name, message)
+        elif verdict == "wait":
+            why = str(failure) if failure else f"waiting for {remaining} pods to terminate"
+            raise kopf.TemporaryError(why, delay=2)
 
 
 def _register_pods(registry: kopf.OperatorRegistry, reconciler: Reconciler, label: str) -> None:
@@ -97,6 +165,7 @@ def _register_pods(registry: kopf.OperatorRegistry, reconciler: Reconciler, labe
         gone = [pod] if event.get("type") == "DELETED" else []
         try:
             reconciler.reconcile(*owner, gone=gone)
-        except OperatorApiError as error:
-            # Event handlers are not retried; the owner's timer catches up.
+        except (ReconcileError, OperatorApiError) as error:
+            # Event handlers are not retried; the owner's timer catches up. A failure is on
+            # the object already.
             log.warning("reconcile of %s/%s/%s after a pod event: %s", *owner, error)

@@ -25,6 +25,16 @@ class OperatorApiError(Exception):
         super().__init__(message)
         self.status = status
 
+    @property
+    def permanent(self) -> bool:
+        """No retry of the same request can succeed: 400 Bad Request, 422 Invalid (a pod the
+        spec makes invalid), 403 Forbidden (a missing PriorityClass, RBAC, policy). A 403
+        for an exceeded ResourceQuota passes when other pods finish, so it is retried, as are
+        0 (not reached), 401 (a token to renew), 404, 409, 429 and 5xx."""
+        if self.status == 403:
+            return "exceeded quota" not in str(self)
+        return self.status in (400, 422)
+
 
 def _message(error: ApiException) -> str:
     return error_message(error)
@@ -95,6 +105,14 @@ class OperatorKube:
         items: list[dict[str, Any]] = _json(response)["items"]
         return items
 
+    def namespace_pods(self, namespace: str) -> list[dict[str, Any]]:
+        response = self._call(
+            f"list pods in {namespace}",
+            lambda: self.core.list_namespaced_pod(namespace, _preload_content=False),
+        )
+        items: list[dict[str, Any]] = _json(response)["items"]
+        return items
+
     def create_pod(self, pod: dict[str, Any]) -> bool:
         """Create ``pod``; False when one of that name exists already (a repeated plan)."""
         namespace = pod["metadata"]["namespace"]
@@ -106,14 +124,28 @@ class OperatorKube:
         discard(created)
         return created is not None
 
-    def delete_pod(self, namespace: str, name: str) -> None:
+    def delete_pod(self, namespace: str, name: str, grace_s: int | None = None) -> None:
+        """Delete a pod; ``grace_s`` 0 for one on a deleted node (no kubelet to confirm)."""
+        extra = {} if grace_s is None else {"grace_period_seconds": grace_s}
         discard(
             self._call(
                 f"delete pod {namespace}/{name}",
-                lambda: self.core.delete_namespaced_pod(name, namespace, _preload_content=False),
+                lambda: self.core.delete_namespaced_pod(
+                    name, namespace, _preload_content=False, **extra
+                ),
                 ok=(404,),
             )
         )
+
+    def pods_on_node(self, node: str) -> list[dict[str, Any]]:
+        response = self._call(
+            f"list pods on {node}",
+            lambda: self.core.list_pod_for_all_namespaces(
+                field_selector=f"spec.nodeName={node}", _preload_content=False
+            ),
+        )
+        items: list[dict[str, Any]] = _json(response)["items"]
+        return items
 
     def node_free_gpus(self, nodes: Iterable[str]) -> dict[str, int]:
         """Allocatable GPUs minus those requested by unfinished pods, for each of ``nodes``."""
@@ -144,16 +176,20 @@ class OperatorKube:
         return free
 
 
-def install(api: client.ApiClient, timeout_s: float = 60.0) -> list[str]:
+def install(
+    api: client.ApiClient, timeout_s: float = 60.0, extra_priority_classes: tuple[str, ...] = ()
+) -> list[str]:
     """Create or update the CRDs, PriorityClasses and the operator's ClusterRole; wait until
-    the CRDs are established. Returns what was applied, as "Kind/name"."""
+    the CRDs are established. Returns what was applied, as "Kind/name".
+    ``extra_priority_classes`` widen the CRDs' priorityClassName enum (the operator must be
+    run with the same list)."""
     applied = []
-    for manifest in manifests():
+    for manifest in manifests(extra_priority_classes):
         _apply(api, manifest)
         applied.append(f"{manifest['kind']}/{manifest['metadata']['name']}")
     extensions = client.ApiextensionsV1Api(api)
     deadline = time.monotonic() + timeout_s
-    for manifest in manifests():
+    for manifest in manifests(extra_priority_classes):
         if manifest["kind"] != "CustomResourceDefinition":
             continue
         name = manifest["metadata"]["name"]

@@ -13,10 +13,21 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from tidal.operator.pods import job_pod, service_pod
-from tidal.operator.spec import Autoscaling, JobSpec, ObservedPod, ServiceSpec
+from tidal.operator.pods import job_pod, job_pod_name, service_pod
+from tidal.operator.spec import Autoscaling, JobSpec, ObservedPod, ServiceSpec, Workload
 
 Condition = dict[str, Any]
+# A pod the scheduler cannot place for longer than this (with no node being freed for it by a
+# preemption) is reported on its owner: a pod waits a few seconds while a scale-up settles,
+# and reporting each of those would only be noise.
+UNSCHEDULABLE_GRACE_S = 30
+# Condition messages name at most this many pods, then "and N more": a 1,000-replica service
+# must not grow a status without bound. Each pod's reason is cut to REASON_CHARS.
+MESSAGE_PODS = 3
+REASON_CHARS = 240
+# Degraded reasons that no retry can cure: only a new generation of the spec (or a restarted
+# operator) tries again. See refused().
+PERMANENT_REASONS = ("InvalidSpec", "PodRejected")
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,9 @@ class Event:
 class Plan:
     create: list[dict[str, Any]] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
+    # Pods on a deleted node: no kubelet will ever confirm a graceful deletion, so they are
+    # deleted at once (grace 0) instead of lingering until the pod garbage collector.
+    force_delete: list[str] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
 
@@ -55,6 +69,126 @@ def merge_conditions(
         since = before.get("lastTransitionTime", now) if before and unchanged else now
         merged.append({**cond, "lastTransitionTime": since, "observedGeneration": generation})
     return merged
+
+
+def _seconds(stamp: str) -> float | None:
+    try:
+        return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def stuck(pods: Sequence[ObservedPod], now: str) -> list[ObservedPod]:
+    """Live pods the scheduler has not placed for UNSCHEDULABLE_GRACE_S, nor is freeing a node
+    for (a nominated node: victims are terminating). Without a transition time, at once."""
+    current = _seconds(now)
+    out = []
+    for pod in pods:
+        if not pod.live or not pod.unschedulable or pod.nominated:
+            continue
+        since = _seconds(pod.unschedulable_since)
+        if since is None or current is None or current - since >= UNSCHEDULABLE_GRACE_S:
+            out.append(pod)
+    return out
+
+
+def _cut(text: str, limit: int = REASON_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def describe_pods(named: Sequence[tuple[str, str]], limit: int = MESSAGE_PODS) -> str:
+    """ "a (why), b (why) and 7 more" from (pod, reason) pairs: bounded whatever their number."""
+    parts = [f"{name} ({_cut(why)})" if why else name for name, why in named[:limit]]
+    text = ", ".join(parts)
+    more = len(named) - limit
+    return f"{text} and {more} more" if more > 0 else text
+
+
+def _scheduling(pods: Sequence[ObservedPod]) -> str:
+    return describe_pods([(p.name, p.scheduling_message or "no reason given") for p in pods])
+
+
+def dropped_keys_event(workload: Workload) -> Event | None:
+    """Said when pods are built: reserved podMetadata keys (an object stored before the CRD
+    refused them) are left off, never copied."""
+    if not workload.dropped_keys:
+        return None
+    keys = ", ".join(workload.dropped_keys)
+    return Event(
+        "Warning",
+        "ReservedPodMetadata",
+        _cut(f"spec.podMetadata {keys}: not copied onto pods (reserved prefixes)", 1024),
+    )
+
+
+# -- failures the planners cannot plan around -----------------------------------------------
+def failed_status(
+    previous: Mapping[str, Any], generation: int, reason: str, message: str, now: str
+) -> dict[str, Any]:
+    """The status fields to patch when a reconcile cannot go on: phase Degraded, and a
+    Degraded condition with ``reason`` and ``message``; the other conditions stay. Degraded,
+    not Failed: pods already running keep running, and a fixed spec recovers the object."""
+    before = previous.get("conditions") or ()
+    others = [dict(c) for c in before if c.get("type") != "Degraded"]
+    degraded = condition("Degraded", True, reason, _cut(message, 1024))
+    conditions = [*others, *merge_conditions(before, [degraded], now, generation)]
+    return {"observedGeneration": generation, "phase": "Degraded", "conditions": conditions}
+
+
+def already_reported(previous: Mapping[str, Any], failed: Mapping[str, Any]) -> bool:
+    """``failed`` (from failed_status) says nothing the previous status did not: the same
+    Degraded reason and message for the same generation. Its Event is then not posted again
+    (a create handler and the first timer tick that race on a new object, a restart)."""
+
+    def degraded(status: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        for cond in status.get("conditions") or ():
+            if cond.get("type") == "Degraded" and cond.get("status") == "True":
+                return cond.get("reason"), cond.get("message"), cond.get("observedGeneration")
+        return None
+
+    return degraded(previous) is not None and degraded(previous) == degraded(failed)
+
+
+# Progressing reasons of an object that only an event (a pod placed, a spec changed) moves
+# on: its timer need not reconcile it (see needs_tick).
+SETTLED_REASONS = ("Stable", "WorkersRunning", "Unschedulable", "Finished")
+
+
+def needs_tick(obj: Mapping[str, Any]) -> bool:
+    """Whether the timer should reconcile ``obj`` now, from the object alone (kopf's cached
+    copy, no API call): only while something that time alone changes is under way (a
+    scale-up, pods pending within UNSCHEDULABLE_GRACE_S). An idle 1,024-worker job then costs
+    its timer nothing but this check; the reconciler still resyncs every object now and then."""
+    status = obj.get("status") or {}
+    if status.get("phase") in ("Succeeded", "Failed") or refused(obj):
+        return False
+    conditions = {c.get("type"): c for c in status.get("conditions") or ()}
+    failure = conditions.get("Degraded") or {}
+    if failure.get("status") == "True" and failure.get("reason") not in (
+        *PERMANENT_REASONS,
+        "Unschedulable",
+    ):
+        return True  # a failed reconcile (an API error) to retry
+    progressing = conditions.get("Progressing")
+    if progressing is None:
+        return True
+    generation = (obj.get("metadata") or {}).get("generation")
+    current = progressing.get("observedGeneration") == generation
+    return not current or progressing.get("reason") not in SETTLED_REASONS
+
+
+def refused(obj: Mapping[str, Any]) -> bool:
+    """The object's current generation was already refused for good (an invalid spec, a pod
+    the API server rejects): timers and pod events leave it alone until the spec changes."""
+    generation = (obj.get("metadata") or {}).get("generation")
+    for cond in (obj.get("status") or {}).get("conditions") or ():
+        if cond.get("type") == "Degraded" and cond.get("status") == "True":
+            return (
+                cond.get("reason") in PERMANENT_REASONS
+                and cond.get("observedGeneration") == generation
+            )
+    return False
 
 
 # -- the schedule (a daily tide of replica targets) -----------------------------------------
@@ -156,8 +290,9 @@ def plan_service(
     desired = service.desired_replicas()
     plan = Plan()
     live = [p for p in pods if p.live]
-    finished = [p for p in pods if not p.terminating and not p.live]
+    finished = [p for p in pods if not p.terminating and not p.live and not p.lost]
     plan.delete += [p.name for p in finished]
+    plan.force_delete += [p.name for p in pods if p.lost]
     ordered = scale_down_order(live, node_free_gpus, workload.topology_tier)
     surplus = ordered[: max(0, len(live) - desired)]
     plan.delete += [p.name for p in surplus]
@@ -173,6 +308,8 @@ def plan_service(
         plan.events.append(Event("Normal", "ScaledDown", f"removed {names} (to {desired})"))
     if missing:
         plan.events.append(Event("Normal", "ScaledUp", f"creating {missing} (to {desired})"))
+    dropped = dropped_keys_event(workload) if plan.create else None
+    plan.events += [dropped] if dropped else []
     plan.status = _service_status(service, live, gone, previous_status, plan, now)
     return plan
 
@@ -189,17 +326,23 @@ def _service_status(
     desired = service.desired_replicas()
     ready = sum(p.ready for p in live)
     updated = sum(p.spec_hash == workload.spec_hash() for p in live)
-    unschedulable = [p.name for p in live if p.unschedulable]
+    unplaced = stuck(live, now)
     preempted = sum(p.disrupted for p in gone)
-    changing = bool(plan.create or plan.delete) or updated < len(live) or ready < desired
+    changing = bool(plan.create or plan.delete or plan.force_delete)
+    changing = changing or updated < len(live) or ready < desired
     if desired == 0:
         phase = "ScaledToZero"
     elif ready >= desired:
         phase = "Ready"
-    elif unschedulable:
+    elif unplaced:
         phase = "Degraded"
     else:
         phase = "Progressing"
+    if unplaced:
+        # Not progressing, and why: the scheduler's own words (extender refusals included).
+        progressing = condition("Progressing", False, "Unschedulable", _scheduling(unplaced))
+    else:
+        progressing = condition("Progressing", changing, "Reconciling" if changing else "Stable")
     conditions = [
         condition(
             "Ready",
@@ -207,12 +350,12 @@ def _service_status(
             "ReplicasReady" if ready >= desired else "ReplicasNotReady",
             f"{ready}/{desired} replicas ready",
         ),
-        condition("Progressing", changing, "Reconciling" if changing else "Stable"),
+        progressing,
         condition(
             "Degraded",
-            bool(unschedulable),
-            "Unschedulable" if unschedulable else "AsExpected",
-            ("cannot be placed: " + ", ".join(unschedulable)) if unschedulable else "",
+            bool(unplaced),
+            "Unschedulable" if unplaced else "AsExpected",
+            f"{len(unplaced)} cannot be placed: {_scheduling(unplaced)}" if unplaced else "",
         ),
     ]
     return {
@@ -290,16 +433,21 @@ def _count_end(worker: Worker, pod: ObservedPod) -> tuple[Worker, Event | None]:
         return replace(ended, state="Waiting", failures=worker.failures + 1), Event(
             "Warning", "WorkerFailed", message
         )
-    # Preempted, evicted or deleted: not the job's fault, so no backoff is used up.
+    # Preempted, evicted, deleted or lost with its node: not the job's fault, so no backoff
+    # is used up.
     where = f" from {checkpoint}" if checkpoint else " from the start"
-    message = f"worker {worker.index} ({pod.name}) preempted; resumes{where}"
+    if pod.lost:
+        reason, what = "NodeLost", f"lost with its node {pod.node}"
+    else:
+        reason, what = "Preempted", "preempted"
+    message = f"worker {worker.index} ({pod.name}) {what}; resumes{where}"
     return replace(ended, state="Waiting", preemptions=worker.preemptions + 1), Event(
-        "Normal", "Preempted", message
+        "Normal", reason, message
     )
 
 
 def _step_worker(
-    worker: Worker, pods: Sequence[ObservedPod]
+    job: str, worker: Worker, pods: Sequence[ObservedPod]
 ) -> tuple[Worker, ObservedPod | None, list[Event]]:
     """Fold this worker's pods into its record; return it and its live pod, if any."""
     events = []
@@ -318,7 +466,7 @@ def _step_worker(
     elif worker.uid and worker.ended_uid != worker.uid and all(p.uid != worker.uid for p in pods):
         # The pod vanished while nobody watched (operator down): a disruption, not a failure.
         gone = ObservedPod(
-            name="",
+            name=job_pod_name(job, worker.index, worker.attempt),
             uid=worker.uid,
             index=worker.index,
             phase="Unknown",
@@ -369,18 +517,26 @@ def plan_job(
     plan = Plan()
     known = {int(e["index"]): Worker.from_status(e) for e in previous_status.get("workers") or ()}
     workers, lives = [], {}
+    by_index: dict[int, list[ObservedPod]] = {}
+    for pod in (*pods, *gone):  # grouped once: a 1,024-worker job is not planned in O(n²)
+        by_index.setdefault(pod.index, []).append(pod)
     for index in range(job.parallelism):
-        mine = [p for p in (*pods, *gone) if p.index == index]
-        worker, live, events = _step_worker(known.get(index, Worker(index)), mine)
+        mine = by_index.get(index, [])
+        worker, live, events = _step_worker(
+            job.workload.name, known.get(index, Worker(index)), mine
+        )
         workers.append(worker)
         lives[index] = live
         plan.events += events
     phase, reason, message = _job_verdict(job, workers)
     finished = previous_status.get("phase") in ("Succeeded", "Failed")
+    plan.force_delete += [p.name for p in pods if p.lost]
     if phase == "Failed":
         plan.delete += [p.name for p in pods if p.live]
     elif not finished:
         plan.create += _replacements(job, workers, lives, pods)
+    dropped = dropped_keys_event(job.workload) if plan.create else None
+    plan.events += [dropped] if dropped else []
     if phase != previous_status.get("phase") and phase in ("Succeeded", "Failed"):
         kind = "Normal" if phase == "Succeeded" else "Warning"
         plan.events.append(Event(kind, reason, message or phase))
@@ -396,7 +552,7 @@ def _replacements(
 ) -> list[dict[str, Any]]:
     """A new attempt for each unfinished worker with no pod, once its old pod is gone (its
     checkpoint is written during the grace period)."""
-    going = {p.index for p in pods if p.terminating}
+    going = {p.index for p in pods if p.terminating and not p.lost}
     create = []
     for worker in workers:
         if worker.state == "Succeeded" or lives[worker.index] or worker.index in going:
@@ -417,6 +573,16 @@ def _job_status(
 ) -> dict[str, Any]:
     # Preempted workers not running again yet (their new pod waits for GPUs).
     waiting = [w for w in workers if w.preemptions and w.state in ("Waiting", "Pending")]
+    unplaced = stuck([p for p in lives.values() if p is not None], now)
+    if unplaced:
+        # Batch work waits for GPUs by design; this says what the scheduler answers meanwhile.
+        progressing = condition("Progressing", False, "Unschedulable", _scheduling(unplaced))
+    elif phase in ("Succeeded", "Failed"):
+        progressing = condition("Progressing", False, "Finished")
+    elif all(w.state in ("Running", "Succeeded") for w in workers):
+        progressing = condition("Progressing", True, "WorkersRunning")
+    else:
+        progressing = condition("Progressing", True, "WaitingForGPUs")
     conditions = [
         condition(
             "Complete",
@@ -434,8 +600,13 @@ def _job_status(
             "Preempted",
             bool(waiting),
             "PreemptedByScheduler" if waiting else "Running",
-            ", ".join(f"worker {w.index} waits to resume" for w in waiting),
+            describe_pods([(f"worker {w.index}", "") for w in waiting]) + " waiting to resume"
+            if waiting
+            else "",
         ),
+        progressing,
+        # Cleared here once a reconcile goes through again (see failed_status).
+        condition("Degraded", False, "AsExpected"),
     ]
     status: dict[str, Any] = {
         "observedGeneration": job.workload.generation,

@@ -4,6 +4,9 @@ Every reconcile of an object runs under that object's lock and starts from a fre
 handlers, timers and pod events that fire together never plan from a stale status. Pod names
 are deterministic, so a reconcile cut short (the operator killed mid-way) and run again creates
 nothing twice.
+
+A reconcile that fails says so on the object (a Warning Event and a Degraded condition) before
+it raises ReconcileError, which tells the kopf layer whether a retry can help.
 """
 
 from __future__ import annotations
@@ -11,15 +14,31 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any, Protocol
 
-from tidal.operator.planner import Event, Plan, plan_job, plan_service, scheduled_replicas
+from tidal.operator.kube import OperatorApiError
+from tidal.operator.planner import (
+    Event,
+    Plan,
+    already_reported,
+    failed_status,
+    needs_tick,
+    plan_job,
+    plan_service,
+    refused,
+    scheduled_replicas,
+)
 from tidal.operator.spec import (
     JOB_LABEL,
     SERVICE_LABEL,
     ObservedPod,
+    SpecError,
+    controller_of,
+    label_value_ok,
     observe_pod,
     parse_job,
     parse_service,
@@ -41,14 +60,37 @@ class Kube(Protocol):
 
     def owned_pods(self, label: str, namespace: str, name: str) -> list[dict[str, Any]]: ...
 
+    def namespace_pods(self, namespace: str) -> list[dict[str, Any]]: ...
+
     def create_pod(self, pod: dict[str, Any]) -> bool: ...
 
-    def delete_pod(self, namespace: str, name: str) -> None: ...
+    def delete_pod(self, namespace: str, name: str, grace_s: int | None = None) -> None: ...
+
+    def pods_on_node(self, node: str) -> list[dict[str, Any]]: ...
 
     def node_free_gpus(self, nodes: Iterable[str]) -> dict[str, int]: ...
 
 
 EventSink = Callable[[dict[str, Any], Event], None]
+RETRY_DELAY_S = 5.0
+# A deleted node is remembered this long (its pods are gone by then: the operator force-deletes
+# them, and the pod garbage collector would too).
+LOST_NODE_MEMORY_S = 600.0
+# The timer reconciles a settled object (see needs_tick) this often, as a safety net for pod
+# changes the watch missed; pod events reconcile at once anyway.
+RESYNC_S = 300.0
+
+
+class ReconcileError(Exception):
+    """A reconcile that could not finish, already reported on the object. ``permanent``: no
+    retry can cure it (an invalid spec, a pod the API server refuses) until the spec changes;
+    else retry after ``delay`` seconds."""
+
+    def __init__(self, reason: str, message: str, permanent: bool, delay: float = 0.0) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.permanent = permanent
+        self.delay = delay
 
 
 def utc_now() -> dt.datetime:
@@ -61,11 +103,20 @@ def _stamp(now: dt.datetime) -> str:
 
 class Reconciler:
     def __init__(
-        self, kube: Kube, clock: Clock = utc_now, on_event: EventSink = lambda _o, _e: None
+        self,
+        kube: Kube,
+        clock: Clock = utc_now,
+        on_event: EventSink = lambda _o, _e: None,
+        extra_priority_classes: tuple[str, ...] = (),
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kube = kube
         self.clock = clock
         self.on_event = on_event
+        self.extra_priority_classes = extra_priority_classes
+        self.monotonic = monotonic
+        self._resynced: dict[tuple[str, str, str], float] = {}
+        self._lost_nodes: dict[str, float] = {}  # deleted node -> when (monotonic)
         self._locks: defaultdict[tuple[str, str, str], threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
 
@@ -74,21 +125,98 @@ class Reconciler:
             return self._locks[(kind, namespace, name)]
 
     def reconcile(
-        self, kind: str, namespace: str, name: str, gone: Iterable[Mapping[str, Any]] = ()
+        self,
+        kind: str,
+        namespace: str,
+        name: str,
+        gone: Iterable[Mapping[str, Any]] = (),
+        retry_refused: bool = False,
     ) -> Plan | None:
-        """Bring ``kind`` ``namespace/name`` to its spec; None when it no longer exists or is
-        being deleted (the finalizer handler cleans up then)."""
+        """Bring ``kind`` ``namespace/name`` to its spec; None when it no longer exists, is
+        being deleted (the finalizer handler cleans up then), or its generation was refused
+        for good and ``retry_refused`` is False (timers and pod events; a create, update or
+        resume of the object tries again). Raises ReconcileError, reported on the object."""
         with self._lock(kind, namespace, name):
             obj = self.kube.get_object(kind, namespace, name)
             if obj is None or obj["metadata"].get("deletionTimestamp"):
                 return None
-            if kind == "LLMService":
-                return self._service(obj, [observe_pod(p) for p in gone])
-            return self._job(obj, [observe_pod(p) for p in gone])
+            if refused(obj) and not retry_refused:
+                self._resynced[(kind, namespace, name)] = self.monotonic()  # nothing to resync
+                return None
+            observed_gone = [observe_pod(p) for p in gone]
+            try:
+                if kind == "LLMService":
+                    plan = self._service(obj, observed_gone)
+                else:
+                    plan = self._job(obj, observed_gone)
+                self._resynced[(kind, namespace, name)] = self.monotonic()
+                return plan
+            except ReconcileError:
+                raise
+            except SpecError as error:
+                self._report(obj, "InvalidSpec", str(error))
+                raise ReconcileError("InvalidSpec", str(error), permanent=True) from error
+            except OperatorApiError as error:
+                self._report(obj, "ApiError", str(error))
+                raise ReconcileError(
+                    "ApiError", str(error), permanent=error.permanent, delay=RETRY_DELAY_S
+                ) from error
+            except Exception as error:
+                # A bug: said on the object too, then kopf retries it with its backoff.
+                self._report(obj, "InternalError", f"{type(error).__name__}: {error}")
+                raise
+
+    def tick(self, kind: str, namespace: str, name: str, body: Mapping[str, Any]) -> Plan | None:
+        """The timer, given kopf's cached ``body``: a reconcile only when the object is not
+        settled, a schedule entry is due, or RESYNC_S passed since the last one. Listing and
+        planning every pod of every object each tick cost a 1,024-worker job a third of a
+        core while nothing happened."""
+        if kind == "LLMBatchJob" and (body.get("status") or {}).get("phase") in (
+            "Succeeded",
+            "Failed",
+        ):
+            return None
+        last = self._resynced.get((kind, namespace, name))
+        stale = last is None or self.monotonic() - last >= RESYNC_S
+        if stale or needs_tick(body) or self._schedule_due(kind, body):
+            return self.reconcile(kind, namespace, name)
+        return None
+
+    def _schedule_due(self, kind: str, body: Mapping[str, Any]) -> bool:
+        if kind != "LLMService" or not (body.get("spec") or {}).get("autoscaling"):
+            return False
+        try:
+            autoscaling = parse_service(body, self.extra_priority_classes).autoscaling
+        except SpecError:
+            return True  # reconcile says so (once)
+        slot = (body.get("status") or {}).get("scheduleSlot", "")
+        return scheduled_replicas(autoscaling, self.clock(), slot) is not None
+
+    def _report(self, obj: dict[str, Any], reason: str, message: str, **status: Any) -> None:
+        """A Warning Event and a Degraded condition on ``obj``; best effort (the API server
+        may be what failed), so a failure to report is only logged."""
+        meta = obj["metadata"]
+        previous = {**(obj.get("status") or {}), **status}
+        failed = failed_status(
+            previous, int(meta.get("generation", 0)), reason, message, _stamp(self.clock())
+        )
+        repeated = already_reported(obj.get("status") or {}, failed)
+        patch = {**status, **failed}
+        log.warning(
+            "%s %s/%s: %s: %s", obj["kind"], meta["namespace"], meta["name"], reason, message
+        )
+        try:
+            self.kube.patch_status(obj["kind"], meta["namespace"], meta["name"], patch)
+            if not repeated:
+                self.on_event(obj, Event("Warning", reason, message))
+        except Exception as error:  # reporting must not hide the first error
+            log.warning(
+                "could not report %s on %s/%s: %s", reason, meta["namespace"], meta["name"], error
+            )
 
     def _service(self, obj: dict[str, Any], gone: list[ObservedPod]) -> Plan:
         meta, status = obj["metadata"], obj.get("status") or {}
-        service = parse_service(obj)
+        service = parse_service(obj, self.extra_priority_classes)
         now = self.clock()
         step = scheduled_replicas(service.autoscaling, now, status.get("scheduleSlot", ""))
         if step is not None:
@@ -98,9 +226,9 @@ class Reconciler:
                 obj, Event("Normal", "Scheduled", f"schedule {slot}: {replicas} replicas")
             )
             obj = {**obj, "spec": {**obj["spec"], "replicas": replicas}}
-            service = parse_service(obj)
+            service = parse_service(obj, self.extra_priority_classes)
             status = {**status, "scheduleSlot": slot}
-        pods = [observe_pod(p) for p in self._pods(obj)]
+        pods = self._observe(self._pods(obj))
         live = [p for p in pods if p.live]
         # Free GPUs per node only order a scale-down; skip the node reads otherwise.
         surplus = len(live) > service.desired_replicas()
@@ -112,24 +240,71 @@ class Reconciler:
         return plan
 
     def _job(self, obj: dict[str, Any], gone: list[ObservedPod]) -> Plan:
-        job = parse_job(obj)
-        pods = [observe_pod(p) for p in self._pods(obj)]
+        job = parse_job(obj, self.extra_priority_classes)
+        pods = self._observe(self._pods(obj))
         plan = plan_job(job, pods, obj.get("status") or {}, _stamp(self.clock()), gone)
         self._apply(obj, plan)
         return plan
 
+    def _observe(self, pods: Iterable[dict[str, Any]]) -> list[ObservedPod]:
+        """Observed pods, those on a node deleted lately marked lost: until the pod garbage
+        collector noticed (about a minute) they would still show Running."""
+        now = self.monotonic()
+        for node, since in list(self._lost_nodes.items()):
+            if now - since > LOST_NODE_MEMORY_S:
+                del self._lost_nodes[node]
+        observed = [observe_pod(p) for p in pods]
+        return [replace(p, lost=True) if p.node in self._lost_nodes else p for p in observed]
+
+    def node_deleted(self, node: str) -> list[tuple[str, str, str]]:
+        """A node was deleted: reconcile at once every object with a pod on it (their pods
+        are lost); the objects reconciled."""
+        self._lost_nodes[node] = self.monotonic()
+        owners = list(
+            dict.fromkeys(o for p in self.kube.pods_on_node(node) if (o := self.owner_of(p)))
+        )
+        for owner in owners:
+            try:
+                self.reconcile(*owner)
+            except (ReconcileError, OperatorApiError) as error:  # on the object already
+                log.warning("reconcile of %s/%s/%s after node %s went: %s", *owner, node, error)
+        return owners
+
+    def node_added(self, node: str) -> None:
+        """A node of that name exists (again): its new pods are not lost."""
+        self._lost_nodes.pop(node, None)
+
     def _pods(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
+        """The pods this object controls: found by the owner label, kept by the controller
+        reference (anyone who may create pods can copy a label; a second controller's pods
+        counted as this one's replicas would make the two fight over them)."""
         meta = obj["metadata"]
         label = OWNER_LABELS[obj["kind"]]
-        return self.kube.owned_pods(label, meta["namespace"], meta["name"])
+        pods = self.kube.owned_pods(label, meta["namespace"], meta["name"])
+        return _controlled(pods, obj["kind"], meta.get("uid", ""))
 
     def _apply(self, obj: dict[str, Any], plan: Plan) -> None:
         meta = obj["metadata"]
         namespace, name = meta["namespace"], meta["name"]
+        for pod_name in dict.fromkeys(plan.force_delete):
+            self.kube.delete_pod(namespace, pod_name, grace_s=0)
         for pod_name in dict.fromkeys(plan.delete):
-            self.kube.delete_pod(namespace, pod_name)
+            if pod_name not in plan.force_delete:
+                self.kube.delete_pod(namespace, pod_name)
         for pod in plan.create:
-            if self.kube.create_pod(pod):
+            try:
+                created = self.kube.create_pod(pod)
+            except OperatorApiError as error:
+                if not error.permanent:
+                    raise
+                # Every pod of this spec would be refused alike: say so once, keep what the
+                # plan counted (the status of the pods that exist), and wait for a new spec.
+                message = f"the API server refuses pod {pod['metadata']['name']}: {error}"
+                self._report(obj, "PodRejected", message, **plan.status)
+                for event in plan.events:
+                    self.on_event(obj, event)
+                raise ReconcileError("PodRejected", message, permanent=True) from error
+            if created:
                 log.info(
                     "%s %s/%s: created pod %s",
                     obj["kind"],
@@ -137,14 +312,27 @@ class Reconciler:
                     name,
                     pod["metadata"]["name"],
                 )
-        self.kube.patch_status(obj["kind"], namespace, name, plan.status)
+        previous = obj.get("status") or {}
+        # An idle object's plan repeats its status: skip the write (and the watch event every
+        # client of the object would decode) when every field is already what it says.
+        if any(previous.get(key) != value for key, value in plan.status.items()):
+            self.kube.patch_status(obj["kind"], namespace, name, plan.status)
         for event in plan.events:
             self.on_event(obj, event)
 
-    def cleanup(self, kind: str, namespace: str, name: str) -> int:
-        """Delete the object's pods (on its deletion); the number still present."""
+    def cleanup(self, kind: str, namespace: str, name: str, uid: str = "") -> int:
+        """Delete the object's pods (on its deletion); the number still present.
+
+        A name that cannot be a label value (an object stored before the CRD bounded names)
+        makes an invalid label selector, so such an object's pods are found by their
+        controller reference among the namespace's pods instead."""
         with self._lock(kind, namespace, name):
-            pods = self.kube.owned_pods(OWNER_LABELS[kind], namespace, name)
+            self._resynced.pop((kind, namespace, name), None)
+            if label_value_ok(name):
+                pods = self.kube.owned_pods(OWNER_LABELS[kind], namespace, name)
+            else:
+                pods = self.kube.namespace_pods(namespace)
+            pods = _controlled(pods, kind, uid) if uid else pods
             for pod in pods:
                 if not pod["metadata"].get("deletionTimestamp"):
                     self.kube.delete_pod(namespace, pod["metadata"]["name"])
@@ -152,10 +340,20 @@ class Reconciler:
 
     @staticmethod
     def owner_of(pod: Mapping[str, Any]) -> tuple[str, str, str] | None:
-        """(kind, namespace, name) of the LLMService / LLMBatchJob a pod belongs to."""
+        """(kind, namespace, name) of the LLMService / LLMBatchJob controlling a pod, by its
+        controller reference (what the operator wrote), not by its labels."""
         meta = pod.get("metadata") or {}
-        labels = meta.get("labels") or {}
-        for kind, label in OWNER_LABELS.items():
-            if label in labels:
-                return kind, meta.get("namespace", "default"), labels[label]
-        return None
+        owner = controller_of(pod)
+        if owner is None or owner[0] not in OWNER_LABELS:
+            return None
+        return owner[0], meta.get("namespace", "default"), owner[1]
+
+
+def _controlled(pods: Iterable[dict[str, Any]], kind: str, uid: str) -> list[dict[str, Any]]:
+    """The pods whose controller reference is the ``kind`` object ``uid``."""
+    out = []
+    for pod in pods:
+        owner = controller_of(pod)
+        if owner is not None and owner[0] == kind and owner[2] == uid:
+            out.append(pod)
+    return out

@@ -25,6 +25,8 @@ class OperatorOptions:
     liveness: str | None = None  # e.g. http://0.0.0.0:8080/healthz
     peering: str | None = None  # a ClusterKopfPeering name for several replicas; else standalone
     install: bool = False  # apply CRDs, PriorityClasses, ClusterRole first
+    # PriorityClasses allowed beyond tidal's own (TIDAL_OPERATOR_ALLOWED_PRIORITY_CLASSES)
+    extra_priority_classes: tuple[str, ...] = ()
 
 
 def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
@@ -60,9 +62,13 @@ def run_operator(options: OperatorOptions) -> None:
     """Run until interrupted (SIGINT/SIGTERM)."""
     api = api_client(options.kubeconfig, pool_size=32)
     if options.install:
-        for applied in install(api):
+        for applied in install(api, extra_priority_classes=options.extra_priority_classes):
             log.info("applied %s", applied)
-    reconciler = Reconciler(OperatorKube(api), on_event=post_event)
+    reconciler = Reconciler(
+        OperatorKube(api),
+        on_event=post_event,
+        extra_priority_classes=options.extra_priority_classes,
+    )
     kopf.run(
         registry=build_registry(reconciler, api),
         clusterwide=not options.namespaces,

@@ -1,22 +1,32 @@
 """Typed views of LLMService / LLMBatchJob objects and of the pods the operator owns (pure).
 
 The API server has already applied the CRD defaults and validated the schema and CEL rules, so
-parsing here only fills what a schema cannot default (a topology mode given without a tier) and
-turns camelCase dictionaries into frozen dataclasses the planners can reason about.
+parsing here fills what a schema cannot default (a topology mode given without a tier), checks
+what a schema cannot (an IANA time zone, the operator's configured PriorityClasses) and what an
+object stored before a stricter CRD may still carry, and turns camelCase dictionaries into
+frozen dataclasses the planners can reason about. A spec that cannot be run raises SpecError,
+naming the field.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from tidal.operator.crds import (
-    BATCH_PRIORITY_CLASS,
+    API_VERSION,
     DEFAULT_IMAGE,
-    ONLINE_PRIORITY_CLASS,
+    LABEL_VALUE_PATTERN,
+    MAX_NAME_LENGTH,
+    QUANTITY_PATTERN,
+    RESERVED_KEY_PATTERN,
+    WORKLOAD_TIERS,
+    allowed_priority_classes,
 )
 
 PREFIX = "tidal.dev/"
@@ -28,6 +38,87 @@ ACHIEVED_TIER_ANNOTATION = f"{PREFIX}topology-achieved"
 CHECKPOINT_ANNOTATION = f"{PREFIX}checkpoint"
 ATTEMPT_ANNOTATION = f"{PREFIX}attempt"
 SPEC_HASH_ANNOTATION = f"{PREFIX}spec-hash"
+_RESERVED_KEY = re.compile(RESERVED_KEY_PATTERN)
+_QUANTITY = re.compile(QUANTITY_PATTERN)
+_LABEL_VALUE = re.compile(LABEL_VALUE_PATTERN)
+
+
+class SpecError(ValueError):
+    """The spec cannot be run as it is: ``field`` (a path such as spec.resources.cpu) and the
+    problem. Permanent: nothing changes until the spec does."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def reserved_key(key: str) -> bool:
+    """A label / annotation key users may not set on worker pods (see RESERVED_KEY_PATTERN)."""
+    return _RESERVED_KEY.match(key) is not None
+
+
+def user_metadata(values: Mapping[str, Any] | None) -> tuple[dict[str, str], tuple[str, ...]]:
+    """podMetadata labels or annotations without the reserved keys: (kept, dropped keys).
+
+    The CRD refuses reserved keys, but an object stored before that rule may carry them, and
+    the operator must never let a user forge what the extender trusts (tidal.dev/reservation,
+    tidal.dev/gpus) or what the operator finds its pods by (tidal.dev/llmservice)."""
+    kept = {str(k): str(v) for k, v in (values or {}).items() if not reserved_key(str(k))}
+    dropped = tuple(sorted(str(k) for k in values or {} if reserved_key(str(k))))
+    return kept, dropped
+
+
+def check_quantity(field: str, value: Any) -> str:
+    """A positive Kubernetes quantity as text, else SpecError (the pod create would be a 422)."""
+    text = str(value)
+    if isinstance(value, bool) or _QUANTITY.match(text) is None:
+        raise SpecError(field, f"{text!r} is not a quantity such as 500m, 4 or 32Gi")
+    mantissa = re.match(r"\+?[0-9.]*", text)
+    if mantissa is None or not re.search(r"[1-9]", mantissa.group()):
+        raise SpecError(field, f"{text!r} must be more than zero")
+    return text
+
+
+def label_value_ok(text: str) -> bool:
+    """``text`` can be a label value (an object's name is its pods' owner label)."""
+    return len(text) <= MAX_NAME_LENGTH and _LABEL_VALUE.match(text) is not None
+
+
+def check_name(name: str) -> str:
+    """The object's name, if its pods can carry it as a label (the CRD checks the length of new
+    objects; one stored before that rule cannot be run)."""
+    if not label_value_ok(name):
+        raise SpecError(
+            "metadata.name",
+            f"{len(name)} characters: at most {MAX_NAME_LENGTH} (it is its pods' label value)",
+        )
+    return name
+
+
+def controller_of(pod: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """(kind, name, uid) of the tidal object controlling ``pod`` (its controller
+    ownerReference), or None. Labels can be set by anyone who creates pods; the controller
+    reference is what the operator itself wrote."""
+    for ref in (pod.get("metadata") or {}).get("ownerReferences") or ():
+        if ref.get("controller") and ref.get("apiVersion") == API_VERSION:
+            return str(ref.get("kind", "")), str(ref.get("name", "")), str(ref.get("uid", ""))
+    return None
+
+
+def check_time_zone(name: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        # Without a time zone database (no /usr/share/zoneinfo, no tzdata package) every name
+        # is unknown: say that, not that the user's zone is wrong.
+        problem = (
+            f"{name!r} is not an IANA time zone (e.g. Europe/Berlin)"
+            if zoneinfo.available_timezones()
+            else f"{name!r} cannot be checked: the operator has no time zone database (tzdata)"
+        )
+        raise SpecError("spec.autoscaling.timeZone", problem) from None
+    return name
 
 
 @dataclass(frozen=True)
@@ -53,6 +144,7 @@ class Workload:
     topology_tier: str
     pod_labels: Mapping[str, str] = field(default_factory=dict)
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
+    dropped_keys: tuple[str, ...] = ()  # reserved podMetadata keys not copied onto the pods
 
     @property
     def owner_label(self) -> str:
@@ -61,9 +153,8 @@ class Workload:
     def spec_hash(self) -> str:
         """Changes whenever the pod template would: replicas made from an older spec are
         replaced one at a time."""
-        template = {
-            k: v for k, v in self.__dict__.items() if k not in ("uid", "generation", "name")
-        }
+        skip = ("uid", "generation", "name", "dropped_keys")
+        template = {k: v for k, v in self.__dict__.items() if k not in skip}
         text = json.dumps(template, sort_keys=True, default=dict)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -108,15 +199,38 @@ class JobSpec:
     max_preemptions: int | None
 
 
-def _workload(obj: Mapping[str, Any], kind: str, mode: str, priority: str) -> Workload:
+def _priority_class(kind: str, name: str | None, extra: tuple[str, ...]) -> str:
+    allowed = allowed_priority_classes(kind, extra)
+    if not name:
+        return allowed[0]
+    if name not in allowed:
+        raise SpecError(
+            "spec.priorityClassName",
+            f"{name!r} is not allowed for {kind}; use one of "
+            + ", ".join(allowed)
+            + " (the operator's TIDAL_OPERATOR_ALLOWED_PRIORITY_CLASSES adds more)",
+        )
+    return name
+
+
+def _workload(obj: Mapping[str, Any], kind: str, mode: str, extra: tuple[str, ...]) -> Workload:
     meta, spec = obj.get("metadata", {}), obj.get("spec", {})
     model = spec.get("model", {})
     topology = spec.get("topology") or {}
     resources = spec.get("resources") or {}
     pod_meta = spec.get("podMetadata") or {}
+    tier = topology.get("tier", "nvlink")
+    if tier not in WORKLOAD_TIERS:
+        raise SpecError(
+            "spec.topology.tier",
+            f"{tier!r} is not one of {', '.join(WORKLOAD_TIERS)} "
+            "('rack' applies to gangs, and each replica / worker is one pod)",
+        )
+    labels, dropped_labels = user_metadata(pod_meta.get("labels"))
+    annotations, dropped_notes = user_metadata(pod_meta.get("annotations"))
     return Workload(
         kind=kind,
-        name=meta["name"],
+        name=check_name(meta["name"]),
         namespace=meta.get("namespace", "default"),
         uid=meta.get("uid", ""),
         generation=int(meta.get("generation", 0)),
@@ -125,15 +239,19 @@ def _workload(obj: Mapping[str, Any], kind: str, mode: str, priority: str) -> Wo
         dtype=model.get("dtype", "bfloat16"),
         attention=model.get("attention", "int8"),
         tensor_parallel=int(spec.get("tensorParallel", 1)),
-        priority_class=spec.get("priorityClassName") or priority,
-        cpu=str(resources.get("cpu", "4")),
-        memory=str(resources.get("memory", "32Gi")),
+        priority_class=_priority_class(kind, spec.get("priorityClassName"), extra),
+        cpu=check_quantity("spec.resources.cpu", resources.get("cpu", "4")),
+        memory=check_quantity("spec.resources.memory", resources.get("memory", "32Gi")),
         image=spec.get("image") or DEFAULT_IMAGE,
         args=tuple(spec.get("args") or ()),
         topology_mode=topology.get("mode", mode),
-        topology_tier=topology.get("tier", "nvlink"),
-        pod_labels=dict(pod_meta.get("labels") or {}),
-        pod_annotations=dict(pod_meta.get("annotations") or {}),
+        topology_tier=tier,
+        pod_labels=labels,
+        pod_annotations=annotations,
+        dropped_keys=(
+            *(f"labels[{k}]" for k in dropped_labels),
+            *(f"annotations[{k}]" for k in dropped_notes),
+        ),
     )
 
 
@@ -155,26 +273,29 @@ def _autoscaling(spec: Mapping[str, Any] | None) -> Autoscaling | None:
     return Autoscaling(
         min_replicas=int(spec.get("minReplicas", 0)),
         max_replicas=int(spec["maxReplicas"]),
-        time_zone=spec.get("timeZone", "UTC"),
+        time_zone=check_time_zone(spec.get("timeZone", "UTC")),
         schedule=tuple(entries),
     )
 
 
-def parse_service(obj: Mapping[str, Any]) -> ServiceSpec:
+def parse_service(
+    obj: Mapping[str, Any], extra_priority_classes: tuple[str, ...] = ()
+) -> ServiceSpec:
+    """``extra_priority_classes``: the operator's configured PriorityClasses beyond tidal's."""
     spec = obj.get("spec", {})
     return ServiceSpec(
-        workload=_workload(obj, "LLMService", "guaranteed", ONLINE_PRIORITY_CLASS),
+        workload=_workload(obj, "LLMService", "guaranteed", extra_priority_classes),
         replicas=int(spec.get("replicas", 1)),
         port=int(spec.get("port", 8000)),
         autoscaling=_autoscaling(spec.get("autoscaling")),
     )
 
 
-def parse_job(obj: Mapping[str, Any]) -> JobSpec:
+def parse_job(obj: Mapping[str, Any], extra_priority_classes: tuple[str, ...] = ()) -> JobSpec:
     spec = obj.get("spec", {})
     limit = spec.get("maxPreemptions")
     return JobSpec(
-        workload=_workload(obj, "LLMBatchJob", "best-effort", BATCH_PRIORITY_CLASS),
+        workload=_workload(obj, "LLMBatchJob", "best-effort", extra_priority_classes),
         parallelism=int(spec.get("parallelism", 1)),
         input_uri=spec["input"]["uri"],
         output_uri=spec["output"]["uri"],
@@ -195,7 +316,13 @@ class ObservedPod:
     ready: bool = False
     terminating: bool = False
     disrupted: bool = False  # a DisruptionTarget condition: preempted or evicted
+    # PodScheduled False: the scheduler found no place (Unschedulable) or refused the pod
+    # (SchedulerError, e.g. the extender rejecting its annotations); its message and since when.
     unschedulable: bool = False
+    scheduling_message: str = ""
+    unschedulable_since: str = ""
+    nominated: bool = False  # a node is being freed for it (preemption under way)
+    lost: bool = False  # its node was deleted: it runs nowhere, whatever its phase says
     node: str = ""
     gpus: str = ""
     tier: str = ""
@@ -209,8 +336,8 @@ class ObservedPod:
 
     @property
     def live(self) -> bool:
-        """Counts as a replica: neither going away nor finished."""
-        return not self.terminating and self.phase not in ("Succeeded", "Failed")
+        """Counts as a replica: neither going away, finished, nor on a deleted node."""
+        return not (self.terminating or self.lost) and self.phase not in ("Succeeded", "Failed")
 
 
 def _condition(status: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
@@ -226,7 +353,11 @@ def observe_pod(pod: Mapping[str, Any]) -> ObservedPod:
     labels, notes = meta.get("labels") or {}, meta.get("annotations") or {}
     ready = _condition(status, "Ready")
     disruption = _condition(status, "DisruptionTarget")
-    scheduled = _condition(status, "PodScheduled")
+    scheduled = _condition(status, "PodScheduled") or {}
+    unschedulable = scheduled.get("status") == "False" and scheduled.get("reason") in (
+        "Unschedulable",
+        "SchedulerError",
+    )
     return ObservedPod(
         name=meta["name"],
         uid=meta.get("uid", ""),
@@ -235,11 +366,10 @@ def observe_pod(pod: Mapping[str, Any]) -> ObservedPod:
         ready=bool(ready and ready.get("status") == "True"),
         terminating=meta.get("deletionTimestamp") is not None,
         disrupted=bool(disruption and disruption.get("status") == "True"),
-        unschedulable=bool(
-            scheduled
-            and scheduled.get("status") == "False"
-            and scheduled.get("reason") == "Unschedulable"
-        ),
+        unschedulable=unschedulable,
+        scheduling_message=str(scheduled.get("message") or "") if unschedulable else "",
+        unschedulable_since=str(scheduled.get("lastTransitionTime") or "") if unschedulable else "",
+        nominated=bool(status.get("nominatedNodeName")),
         node=(pod.get("spec") or {}).get("nodeName") or "",
         gpus=notes.get(GPUS_ANNOTATION, ""),
         tier=notes.get(ACHIEVED_TIER_ANNOTATION, ""),

@@ -208,9 +208,13 @@ def serve(options: ServeOptions) -> None:
     if options.health_port:
         health = create_health_app(extender, ready)
         servers.append(uvicorn.Server(health_config(options, health)))
+    # uvicorn's own loop choice (uvloop when installed), for every server on one loop.
+    loop_factory = servers[0].config.get_loop_factory() or asyncio.new_event_loop
+    loop = loop_factory()
     try:
-        asyncio.run(_serve_all(servers))
+        loop.run_until_complete(_serve_all(servers))
     finally:
+        loop.close()
         stop.set()
 
 

@@ -10,17 +10,18 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
+from tidal.api import LABEL_TOPOLOGY_PRESET
 from tidal.cli import app
 from tidal.devcluster.certs import make_pki
 from tidal.devcluster.cluster import ClusterOptions, scheduler_config
-from tidal.devcluster.nodes import KWOK_ANNOTATION, PRESET_LABEL, gpu_node, node_names
+from tidal.devcluster.nodes import KWOK_ANNOTATION, gpu_node, node_names
 from tidal.scheduler_extender.schedconfig import ExtenderConfig
 
 
 def test_gpu_node_has_preset_capacity_and_kwok_annotation() -> None:
     node = gpu_node("n1", "gb200-nvl72")
     assert node["metadata"]["annotations"][KWOK_ANNOTATION] == "fake"
-    assert node["metadata"]["labels"][PRESET_LABEL] == "gb200-nvl72"
+    assert node["metadata"]["labels"][LABEL_TOPOLOGY_PRESET] == "gb200-nvl72"
     assert node["status"]["capacity"]["nvidia.com/gpu"] == "4"
     assert node["status"]["allocatable"] == node["status"]["capacity"]
     # DGX H100: two sockets of 56 cores each.

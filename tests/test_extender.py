@@ -10,12 +10,14 @@ from typing import Any
 
 import pytest
 
+from tidal.api import CONDITION_RESERVATION
 from tidal.devcluster.nodes import gpu_node
+from tidal.kubeclient import KubeApiError
 from tidal.node_agent.facts import fake_facts
 from tidal.node_agent.publish import Discovery, gpu_topology
 from tidal.scheduler_extender.cache import ClusterCache
-from tidal.scheduler_extender.extender import ApiError, Extender, ExtenderSettings
-from tidal.scheduler_extender.translate import RESERVATION, reservation_message
+from tidal.scheduler_extender.extender import Extender, ExtenderSettings
+from tidal.scheduler_extender.translate import reservation_message
 from tidal.scheduler_extender.wire import (
     BindArgs,
     WireError,
@@ -89,11 +91,11 @@ class FakeCluster:
 
     def set_reservation(self, namespace: str, name: str, message: str) -> None:
         self.calls.append(("reserve", name))
-        self._condition(name, {"type": RESERVATION, "status": "True", "message": message})
+        self._condition(name, {"type": CONDITION_RESERVATION, "status": "True", "message": message})
 
     def end_reservation(self, namespace: str, name: str, reason: str) -> None:
         self.calls.append((f"end-reservation:{reason}", name))
-        self._condition(name, {"type": RESERVATION, "status": "False", "reason": reason})
+        self._condition(name, {"type": CONDITION_RESERVATION, "status": "False", "reason": reason})
 
     def bind(
         self, namespace: str, name: str, uid: str, node: str, annotations: dict[str, str]
@@ -108,7 +110,7 @@ class FakeCluster:
 
     def evict(self, namespace: str, name: str) -> None:
         if name in self.refuse_eviction:
-            raise ApiError(
+            raise KubeApiError(
                 429,
                 f"evict {name}: Cannot evict pod as it would violate the pod's disruption budget",
             )

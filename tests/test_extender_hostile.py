@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.test_extender import BATCH, ONLINE, FakeCluster, fill_cross_pattern, filter_args, pod
+from tidal.api import CONDITION_RESERVATION
 from tidal.devcluster.nodes import gpu_node
 from tidal.scheduler_extender.cache import ClusterCache
 from tidal.scheduler_extender.extender import Extender, ExtenderSettings
 from tidal.scheduler_extender.translate import (
-    RESERVATION,
     ObjectError,
     ReservationRecord,
     parse_gpu_list,
@@ -47,7 +47,7 @@ def evictions(fake: FakeCluster) -> list[str]:
 
 
 def reservation_condition(record: dict[str, Any]) -> dict[str, Any]:
-    return {"type": RESERVATION, "status": "True", "message": json.dumps(record)}
+    return {"type": CONDITION_RESERVATION, "status": "True", "message": json.dumps(record)}
 
 
 # -- 1. the request body is not trusted ------------------------------------------------------
@@ -189,7 +189,7 @@ def test_a_reservation_in_an_annotation_is_not_a_reservation() -> None:
         "victims": [],
         "expiresAt": "2100-01-01T00:00:00Z",
     }
-    forged["metadata"]["annotations"][RESERVATION] = json.dumps(record)
+    forged["metadata"]["annotations"][CONDITION_RESERVATION] = json.dumps(record)
     cache.replace("pods", [forged])
     assert cache.snapshot.reservations == {}
     assert cache.snapshot.free_gpus("n", "someone-else") == 0xFF
@@ -295,12 +295,18 @@ def pod_objects(draw: st.DrawFn) -> dict[str, Any]:
     notes = obj["metadata"]["annotations"]
     if draw(st.booleans()):
         notes["tidal.dev/gpus"] = draw(GPU_TEXTS)
-    for key in ("tidal.dev/checkpoint-interval-seconds", "tidal.dev/topology-mode", RESERVATION):
+    for key in (
+        "tidal.dev/checkpoint-interval-seconds",
+        "tidal.dev/topology-mode",
+        CONDITION_RESERVATION,
+    ):
         if draw(st.booleans()):
             notes[key] = draw(ANNOTATION_VALUES)
     if draw(st.booleans()):
         text = draw(st.one_of(st.text(max_size=12), st.just('{"node":"n0","gpus":[-1]}')))
-        obj["status"]["conditions"] = [{"type": RESERVATION, "status": "True", "message": text}]
+        obj["status"]["conditions"] = [
+            {"type": CONDITION_RESERVATION, "status": "True", "message": text}
+        ]
     if draw(st.integers(0, 9)) == 0:
         obj["status"]["phase"] = "Succeeded"
     if draw(st.integers(0, 9)) == 0:

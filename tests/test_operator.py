@@ -11,11 +11,18 @@ from typing import Any
 import pytest
 import yaml
 
-from tidal.operator.crds import custom_resource_definitions
-from tidal.operator.kube import OperatorApiError
+from tidal.kubeclient import KubeApiError
+from tidal.operator.crds import (
+    custom_resource_definitions,
+)
 from tidal.operator.planner import plan_job, plan_service, scale_down_order, scheduled_replicas
 from tidal.operator.reconciler import Reconciler
-from tidal.operator.spec import ObservedPod, observe_pod, parse_job, parse_service
+from tidal.operator.spec import (
+    ObservedPod,
+    observe_pod,
+    parse_job,
+    parse_service,
+)
 
 NOW = "2026-11-23T12:00:00Z"
 
@@ -273,7 +280,7 @@ class MemoryKube:
 
     def owned_pods(self, label: str, namespace: str, name: str) -> list[dict[str, Any]]:
         if len(name) > 63:  # as the API server: an invalid label selector
-            raise OperatorApiError(400, f"list pods: invalid label selector {label}={name}")
+            raise KubeApiError(400, f"list pods: invalid label selector {label}={name}")
         return [
             copy.deepcopy(p)
             for p in self.pods.values()

@@ -10,9 +10,12 @@ import kopf
 import pytest
 
 from tests.test_operator import NOW, FakeClock, MemoryKube, job_obj, replica, service_obj, worker
-from tidal.operator.crds import custom_resource_definitions, parse_priority_classes
+from tidal.kubeclient import KubeApiError
+from tidal.operator.crds import (
+    custom_resource_definitions,
+    parse_priority_classes,
+)
 from tidal.operator.handlers import CLEANUP_TIMEOUT_S, _reconcile, cleanup_verdict
-from tidal.operator.kube import OperatorApiError
 from tidal.operator.planner import (
     UNSCHEDULABLE_GRACE_S,
     Event,
@@ -22,7 +25,12 @@ from tidal.operator.planner import (
     plan_service,
 )
 from tidal.operator.reconciler import ReconcileError, Reconciler
-from tidal.operator.spec import SpecError, observe_pod, parse_job, parse_service
+from tidal.operator.spec import (
+    SpecError,
+    observe_pod,
+    parse_job,
+    parse_service,
+)
 
 FORGED = {
     "tidal.dev/reservation": '{"node": "n1", "gpus": [0, 1, 2, 3]}',
@@ -203,8 +211,8 @@ def test_cleanup_of_an_object_whose_name_is_no_label_value_finds_its_pods_by_own
 def test_the_finalizer_gives_up_on_a_permanent_error_or_after_its_timeout() -> None:
     assert cleanup_verdict(0, None, 1.0) == "done"
     assert cleanup_verdict(2, None, 1.0) == "wait"
-    assert cleanup_verdict(0, OperatorApiError(503, "down"), 1.0) == "wait"
-    assert cleanup_verdict(0, OperatorApiError(400, "invalid selector"), 1.0) == "give-up"
+    assert cleanup_verdict(0, KubeApiError(503, "down"), 1.0) == "wait"
+    assert cleanup_verdict(0, KubeApiError(400, "invalid selector"), 1.0) == "give-up"
     assert cleanup_verdict(3, None, CLEANUP_TIMEOUT_S) == "give-up"
 
 
@@ -212,7 +220,7 @@ def test_the_finalizer_gives_up_on_a_permanent_error_or_after_its_timeout() -> N
 class RejectingKube(MemoryKube):
     def __init__(self, *objects: dict[str, Any], status: int, message: str) -> None:
         super().__init__(*objects)
-        self.reject = OperatorApiError(status, message)
+        self.reject = KubeApiError(status, message)
         self.attempts = 0
 
     def create_pod(self, pod: dict[str, Any]) -> bool:
@@ -312,7 +320,7 @@ def test_a_fixed_spec_clears_the_degraded_condition() -> None:
     ],
 )
 def test_api_errors_are_permanent_or_retried(status: int, message: str, permanent: bool) -> None:
-    assert OperatorApiError(status, message).permanent is permanent
+    assert KubeApiError(status, message).permanent is permanent
 
 
 def test_the_kopf_layer_stops_on_permanent_failures_and_delays_the_others() -> None:
@@ -332,7 +340,7 @@ def test_the_kopf_layer_stops_on_permanent_failures_and_delays_the_others() -> N
         _reconcile(Failing(ReconcileError("ApiError", "x", False, 7)), "LLMService", "n", "m")
     assert temporary.value.delay == 7
     with pytest.raises(kopf.TemporaryError):
-        _reconcile(Failing(OperatorApiError(503, "down")), "LLMService", "n", "m")
+        _reconcile(Failing(KubeApiError(503, "down")), "LLMService", "n", "m")
 
 
 def test_kopf_posts_its_handler_failures_as_events() -> None:

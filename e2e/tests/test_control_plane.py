@@ -10,8 +10,9 @@ from kubernetes.client.exceptions import ApiException
 
 from e2e.conftest import NODE_COUNT, NODE_PRESETS
 from e2e.helpers import wait_for
+from tidal.api import LABEL_TOPOLOGY_PRESET
 from tidal.devcluster.binaries import K8S_VERSION
-from tidal.devcluster.nodes import PRESET_LABEL, gpu_pod
+from tidal.devcluster.nodes import gpu_pod
 
 WIDGET_CRD = {
     "apiVersion": "apiextensions.k8s.io/v1",
@@ -61,7 +62,7 @@ def test_apiserver_reports_the_pinned_release(api: Any) -> None:
 def test_fake_gpu_nodes_carry_capacity_and_preset_labels(api: Any) -> None:
     nodes = client.CoreV1Api(api).list_node(label_selector="type=kwok").items
     assert len(nodes) == NODE_COUNT
-    assert {n.metadata.labels[PRESET_LABEL] for n in nodes} == set(NODE_PRESETS)
+    assert {n.metadata.labels[LABEL_TOPOLOGY_PRESET] for n in nodes} == set(NODE_PRESETS)
     for node in nodes:
         assert node.status.allocatable["nvidia.com/gpu"] == "8"
         assert any(c.type == "Ready" and c.status == "True" for c in node.status.conditions)

@@ -26,6 +26,7 @@ from kubernetes import client
 
 from e2e.helpers import binaries_or_skip, fresh_namespace, wait_for
 from tests.kubelet_double import KubeletDouble
+from tidal import api as tidal_api
 from tidal.devcluster import ClusterOptions, LocalCluster
 from tidal.devcluster.binaries import Binaries
 from tidal.devcluster.nodes import gpu_node, gpu_pod
@@ -34,7 +35,8 @@ from tidal.node_agent.deviceplugin.v1beta1 import api_pb2 as api
 from tidal.node_agent.manifests import AgentDeployment, manifests
 from tidal.operator.kube import install
 
-GROUP, VERSION, PLURAL = "tidal.dev", "v1alpha1", "gputopologies"
+GPUTOPOLOGIES = (tidal_api.GROUP, tidal_api.VERSION, tidal_api.PLURAL_GPUTOPOLOGIES)
+
 ODD_TOPOLOGY = {
     "name": "crossed-pairs",
     "gpu": {"model": "Test GPU", "memory_mib": 16384},
@@ -156,7 +158,7 @@ def ns(core: Any) -> Iterator[str]:
 
 def topology(custom: Any, node: str) -> dict[str, Any] | None:
     try:
-        obj: dict[str, Any] = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, node)
+        obj: dict[str, Any] = custom.get_cluster_custom_object(*GPUTOPOLOGIES, node)
         return obj
     except client.ApiException as error:
         if error.status == 404:
@@ -354,8 +356,7 @@ def test_agent_restart_keeps_one_object_and_node_deletion_removes_it(
     assert after["metadata"]["uid"] == before["metadata"]["uid"]
     assert after["spec"] == before["spec"]
     names = [
-        o["metadata"]["name"]
-        for o in custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
+        o["metadata"]["name"] for o in custom.list_cluster_custom_object(*GPUTOPOLOGIES)["items"]
     ]
     assert sorted(names) == ["agent-cube", "agent-odd"]
     agent.stop()

@@ -1,4 +1,4 @@
-"""A real local Kubernetes control plane for tests, demos and benchmarks (see shared/design/E2E.md).
+"""A real local Kubernetes control plane for tests, demos and benchmarks.
 
 etcd, kube-apiserver, kube-scheduler (profile ``tidal-scheduler``), optionally
 kube-controller-manager, and KWOK simulating GPU nodes, all on 127.0.0.1 in one temporary

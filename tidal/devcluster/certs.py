@@ -12,6 +12,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
+from tidal import api
+
 _VALIDITY = dt.timedelta(days=7)
 _Key = ec.EllipticCurvePrivateKey
 
@@ -121,7 +123,7 @@ def make_pki(folder: Path) -> Pki:
         ca, ca_key, _name("tidal-admin", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH
     )
     scheduler, scheduler_key = _leaf(
-        ca, ca_key, _name("tidal-scheduler"), ExtendedKeyUsageOID.CLIENT_AUTH
+        ca, ca_key, _name(api.SCHEDULER_NAME), ExtendedKeyUsageOID.CLIENT_AUTH
     )
     sa_key = _new_key()
     pki = Pki(

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from tidal import api
 from tidal.topology import load_preset
 
-GPU_RESOURCE = "nvidia.com/gpu"
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 KWOK_SELECTOR = f"{KWOK_ANNOTATION}=fake"
-PRESET_LABEL = "tidal.dev/topology-preset"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 # Host memory per GPU on the fake nodes; real GPU servers carry 1–2 TiB for 8 GPUs.
 _HOST_MEMORY_GIB_PER_GPU = 128
@@ -29,7 +28,7 @@ def gpu_node(name: str, preset: str) -> dict[str, Any]:
         "cpu": str(cores),
         "memory": f"{memory_gib}Gi",
         "pods": "110",
-        GPU_RESOURCE: str(topology.gpu_count),
+        api.GPU_RESOURCE: str(topology.gpu_count),
     }
     return {
         "apiVersion": "v1",
@@ -42,7 +41,7 @@ def gpu_node(name: str, preset: str) -> dict[str, Any]:
                 "kubernetes.io/os": "linux",
                 "kubernetes.io/arch": "amd64",
                 "type": "kwok",
-                PRESET_LABEL: preset,
+                api.LABEL_TOPOLOGY_PRESET: preset,
                 GPU_PRODUCT_LABEL: topology.gpu_model.replace(" ", "-"),
                 "nvidia.com/gpu.count": str(topology.gpu_count),
             },
@@ -64,7 +63,7 @@ def gpu_pod(
     name: str,
     gpus: int,
     *,
-    scheduler: str = "tidal-scheduler",
+    scheduler: str = api.SCHEDULER_NAME,
     annotations: dict[str, str] | None = None,
     memory: str = "1Gi",
 ) -> dict[str, Any]:
@@ -82,7 +81,7 @@ def gpu_pod(
                     "image": "tidal/worker:fake",
                     "resources": {
                         "requests": {"cpu": "1", "memory": memory},
-                        "limits": {GPU_RESOURCE: str(gpus)},
+                        "limits": {api.GPU_RESOURCE: str(gpus)},
                     },
                 }
             ],

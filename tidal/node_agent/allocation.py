@@ -14,11 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from tidal import api
 from tidal.node_agent.facts import NodeFacts
 from tidal.placement import TopologyMode, choose_gpus
 from tidal.topology import NodeShape, NodeTopology, PcieLevel, Tier, bits, mask_of
-
-ANNOTATION_GPUS = "tidal.dev/gpus"
 
 
 class AllocationError(RuntimeError):
@@ -41,10 +40,13 @@ class Assignment:
 
 
 def parse_gpu_annotation(text: str) -> tuple[int, ...]:
-    """'0,1,3' -> (0, 1, 3); ValueError on anything else."""
-    gpus = tuple(int(part) for part in text.split(",") if part.strip())
-    if not gpus or len(set(gpus)) != len(gpus) or min(gpus) < 0:
-        raise ValueError(f"{ANNOTATION_GPUS}={text!r} is not a list of distinct GPU indices")
+    """'0,1,3' -> (0, 1, 3); ValueError on anything else (an empty set included)."""
+    try:
+        gpus = api.parse_gpu_list(text)
+    except ValueError as error:
+        raise ValueError(f"{api.ANNOTATION_GPUS}: {error}") from error
+    if not gpus:
+        raise ValueError(f"{api.ANNOTATION_GPUS}={text!r} names no GPU")
     return gpus
 
 
@@ -93,7 +95,8 @@ def match_allocation(
     promised = "; ".join(f"{a.key} was assigned GPUs {_list(a.gpus)}" for a in waiting)
     raise AllocationError(
         f"the kubelet offered GPUs {_list(requested)} for a {len(requested)}-GPU container, but "
-        f"{promised} by tidal-scheduler ({ANNOTATION_GPUS}); refusing to hand out other GPUs. "
+        f"{promised} by {api.SCHEDULER_NAME} ({api.ANNOTATION_GPUS}); refusing to hand out other "
+        "GPUs. "
         "Are the promised GPUs still held by a terminating pod?"
     )
 

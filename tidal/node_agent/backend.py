@@ -1,41 +1,26 @@
-"""Discovery backends: the small interface the agent needs, and the fake that serves presets.
+"""Discovery backends: the fake that serves presets and fixtures, and the choice of backend.
 
-The NVML backend lives in :mod:`tidal.node_agent.nvml`; both return :class:`NodeFacts`, so the
-rest of the agent (publishing, device plugin, standalone launcher) never knows which one ran.
+The NVML backend lives in :mod:`tidal.node_agent.nvml`; both satisfy
+:class:`~tidal.node_agent.facts.GpuBackend` and return :class:`NodeFacts`, so the rest of the
+agent (publishing, device plugin, standalone launcher) never knows which one ran.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import yaml
 
-from tidal.node_agent.facts import DiscoveryError, NodeFacts, facts_from_topology, fake_facts
+from tidal.node_agent.facts import (
+    DiscoveryError,
+    GpuBackend,
+    GpuSample,
+    NodeFacts,
+    facts_from_topology,
+    fake_facts,
+)
 from tidal.topology import TopologyError, build_topology
-
-
-@dataclass(frozen=True)
-class GpuSample:
-    """One GPU's state at one moment, for health and metrics."""
-
-    index: int
-    healthy: bool
-    reason: str = ""  # why it is unhealthy, e.g. "XID 79 (GPU has fallen off the bus)"
-    utilization: float = 0.0  # 0..1, share of the last sample period a kernel ran
-    memory_used_mib: int = 0
-    temperature_c: float | None = None
-    power_w: float | None = None
-
-
-class GpuBackend(Protocol):
-    def facts(self) -> NodeFacts: ...
-
-    def sample(self) -> list[GpuSample]: ...
-
-    def close(self) -> None: ...
 
 
 class FakeBackend:
@@ -77,7 +62,7 @@ class FakeBackend:
             lines = self._health_file.read_text().splitlines()
         except FileNotFoundError:
             return {}
-        out = {}
+        out: dict[int, str] = {}
         for line in lines:
             index, _, reason = line.strip().partition(" ")
             if index.isdigit() and int(index) < len(self._facts.gpus):
@@ -103,7 +88,7 @@ def open_backend(
         try:
             return FakeBackend(fake_facts(fake, node), health_file)
         except TopologyError as error:
-            raise DiscoveryError(f"--fake: {error}") from None
+            raise DiscoveryError(f"--fake: {error}") from error
     if fixture:
         return FakeBackend(load_fixture(fixture, node), health_file)
     from tidal.node_agent.nvml import NvmlBackend  # noqa: PLC0415 (needs the NVIDIA driver)
@@ -116,11 +101,11 @@ def load_fixture(path: Path, node: str) -> NodeFacts:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
-        raise DiscoveryError(f"--fixture {path}: {error.strerror}") from None
+        raise DiscoveryError(f"--fixture {path}: {error.strerror}") from error
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise DiscoveryError(f"--fixture {path}: not valid YAML: {error}") from None
+        raise DiscoveryError(f"--fixture {path}: not valid YAML: {error}") from error
     if isinstance(data, dict) and data.get("kind") == "GPUTopology":
         data = data.get("spec")  # what `tidal node-agent discover` prints
     if not isinstance(data, dict):
@@ -128,5 +113,5 @@ def load_fixture(path: Path, node: str) -> NodeFacts:
     try:
         topology = build_topology(data, source=str(path))
     except TopologyError as error:
-        raise DiscoveryError(str(error)) from None
+        raise DiscoveryError(str(error)) from error
     return facts_from_topology(topology, node)

@@ -10,6 +10,8 @@ from typing import Annotated
 import typer
 import yaml
 
+from tidal.api import GPU_RESOURCE
+
 app = typer.Typer(
     help="The node agent: GPU discovery, GPUTopology publishing, the device plugin, and a "
     "standalone launcher for machines without Kubernetes.",
@@ -56,7 +58,7 @@ def _discovery(node: str, fake: str | None, fixture: Path | None):  # type: igno
         return backend, Discovery.of(node, backend.facts())
     except DiscoveryError as error:
         typer.secho(f"error: {error}", fg="red", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(2) from error
 
 
 @app.command("discover")
@@ -114,7 +116,7 @@ def run_command(
     plugin_dir: Annotated[
         Path, typer.Option(envvar="TIDAL_DEVICE_PLUGIN_DIR", help="The kubelet's plugin dir.")
     ] = Path("/var/lib/kubelet/device-plugins"),
-    resource: Annotated[str, typer.Option(envvar="TIDAL_GPU_RESOURCE")] = "nvidia.com/gpu",
+    resource: Annotated[str, typer.Option(envvar="TIDAL_GPU_RESOURCE")] = GPU_RESOURCE,
     metrics_port: Annotated[
         int, typer.Option(envvar="TIDAL_NODE_AGENT_METRICS_PORT", help="0 turns it off.")
     ] = 9402,
@@ -153,7 +155,7 @@ def run_command(
         run_agent(options)
     except DiscoveryError as error:
         typer.secho(f"error: {error}", fg="red", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(2) from error
 
 
 @app.command("manifests")
@@ -167,7 +169,7 @@ def manifests_command(
         list[str] | None,
         typer.Option(help="KEY=VALUE, repeatable; nodes that run the agent.", show_default=False),
     ] = None,
-    resource: Annotated[str, typer.Option(help="Extended resource served.")] = "nvidia.com/gpu",
+    resource: Annotated[str, typer.Option(help="Extended resource served.")] = GPU_RESOURCE,
     metrics_port: Annotated[int, typer.Option(min=1, max=65535)] = 9402,
     runtime_class: Annotated[
         str, typer.Option(help="RuntimeClass that mounts the NVIDIA driver; '' for none.")
@@ -224,7 +226,7 @@ def standalone_command(
     except (standalone.SpecError, standalone.PlacementError) as error:
         backend.close()
         typer.secho(f"error: {error}", fg="red", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(2) from error
     table = Table(title=f"{len(discovery.facts.gpus)}x {discovery.facts.gpu_model}")
     for column in ("worker", "GPUs", "tier", "weakest link", "log"):
         table.add_column(column)

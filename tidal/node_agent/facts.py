@@ -7,6 +7,10 @@ bridges, PCIe switches) from the pairwise classes. That works because PCIe path 
 ultrametric: the GPUs within class ``c`` of each other fall into disjoint groups, and the groups
 of a nearer class nest inside those of a farther one.
 
+The backend interface (:class:`GpuBackend`) and what it samples for health and metrics
+(:class:`GpuSample`) live here too, so the backends, the publisher, the metrics and the device
+plugin share these types without importing one another.
+
 Pure: no NVML, no Kubernetes.
 """
 
@@ -14,8 +18,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from tidal.topology import NodeTopology, PcieLevel, RackDomain, Tier, compile_shape
 from tidal.topology.presets import load_preset, preset_names, preset_shape
@@ -58,7 +62,6 @@ class NodeFacts:
     cuda_version: str = ""
     rack_domain: RackDomain | None = None
     preset: str | None = None  # the preset a fixture was made from
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.gpus)
@@ -79,8 +82,28 @@ class NodeFacts:
     def gpu_model(self) -> str:
         return self.gpus[0].name if self.gpus else ""
 
-    def healthy_default(self) -> tuple[bool, ...]:
-        return tuple(True for _ in self.gpus)
+
+@dataclass(frozen=True)
+class GpuSample:
+    """One GPU's state at one moment, for health and metrics."""
+
+    index: int
+    healthy: bool
+    reason: str = ""  # why it is unhealthy, e.g. "XID 79 (GPU has fallen off the bus)"
+    utilization: float = 0.0  # 0..1, share of the last sample period a kernel ran
+    memory_used_mib: int = 0
+    temperature_c: float | None = None
+    power_w: float | None = None
+
+
+class GpuBackend(Protocol):
+    """What the agent needs from a discovery backend (NVML, or the fake that serves presets)."""
+
+    def facts(self) -> NodeFacts: ...
+
+    def sample(self) -> list[GpuSample]: ...
+
+    def close(self) -> None: ...
 
 
 # -- facts from a known topology (the fake backend) ------------------------------------------

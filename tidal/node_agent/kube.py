@@ -7,8 +7,9 @@ from typing import Any
 
 from kubernetes import client
 
+from tidal import api
 from tidal.kubeclient import read_json
-from tidal.node_agent.allocation import ANNOTATION_GPUS, Assignment, parse_gpu_annotation
+from tidal.node_agent.allocation import Assignment, parse_gpu_annotation
 
 log = logging.getLogger(__name__)
 
@@ -17,8 +18,8 @@ class KubePods:
     """Lists the node's Pending pods (one LIST per kubelet admission: rare, and always fresh,
     which a watch cache could not promise at the instant the extender has just bound)."""
 
-    def __init__(self, api: client.ApiClient, node: str) -> None:
-        self.core = client.CoreV1Api(api)
+    def __init__(self, kube_api: client.ApiClient, node: str) -> None:
+        self.core = client.CoreV1Api(kube_api)
         self.node = node
 
     def waiting(self) -> list[Assignment]:
@@ -37,7 +38,7 @@ def assignments(pods: list[dict[str, Any]]) -> list[Assignment]:
     out = []
     for pod in pods:
         meta = pod["metadata"]
-        text = (meta.get("annotations") or {}).get(ANNOTATION_GPUS)
+        text = (meta.get("annotations") or {}).get(api.ANNOTATION_GPUS)
         if not text or (pod.get("status") or {}).get("containerStatuses"):
             continue
         try:

@@ -12,11 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tidal import __version__
+from tidal import __version__, api
 from tidal import rbac as identity
 
 NAME = "tidal-node-agent"
-GROUP = "tidal.dev"
 PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 LABELS = identity.app_labels(NAME, "node-agent")
 
@@ -36,7 +35,7 @@ class AgentDeployment:
     node_selector: dict[str, str] = field(
         default_factory=lambda: {"nvidia.com/gpu.present": "true"}
     )
-    resource: str = "nvidia.com/gpu"
+    resource: str = api.GPU_RESOURCE
     metrics_port: int = 9402
     runtime_class: str | None = "nvidia"  # the runtime that mounts the driver and /dev/nvidia*
 
@@ -49,11 +48,11 @@ def cluster_role() -> dict[str, Any]:
             {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]},
             {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
             {
-                "apiGroups": [GROUP],
-                "resources": ["gputopologies"],
+                "apiGroups": [api.GROUP],
+                "resources": [api.PLURAL_GPUTOPOLOGIES],
                 "verbs": ["create", "patch"],
             },
-            {"apiGroups": [GROUP], "resources": ["gputopologies/status"], "verbs": ["patch"]},
+            {"apiGroups": [api.GROUP], "resources": ["gputopologies/status"], "verbs": ["patch"]},
         ],
     )
 

@@ -6,13 +6,12 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from tidal.node_agent.backend import GpuSample
-from tidal.node_agent.facts import NodeFacts
+from tidal.node_agent.facts import GpuSample, NodeFacts
 
 
 class AgentMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
         r = self.registry
         self.info = Gauge(
             "tidal_gpu_info",

@@ -11,15 +11,22 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import ClassVar, TypeAlias, TypeVar
 
-from tidal.node_agent.backend import GpuSample
-from tidal.node_agent.facts import DiscoveryError, GpuDevice, NicDevice, NodeFacts
+from tidal.node_agent.facts import DiscoveryError, GpuDevice, GpuSample, NicDevice, NodeFacts
 from tidal.topology import PcieLevel, RackDomain
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+# A device or event-set handle: an opaque ctypes pointer that is only ever handed back to NVML.
+NvmlHandle: TypeAlias = object
+
+# Nodes in one rack-scale NVLink domain (GB200 NVL72: 18 compute trays of 4 GPUs).
+RACK_NODES = 18
 
 # XIDs that an application causes and survives (the GPU stays usable), as NVIDIA's own device
 # plugin treats them: 13 graphics engine exception, 31 memory page fault, 43 GPU stopped
@@ -35,7 +42,7 @@ XID_MEANINGS = {
 }
 
 
-def _text(value: Any) -> str:
+def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -43,35 +50,32 @@ class NvmlBackend:
     """GPUs as NVML reports them. ``nvml`` is the ``pynvml`` module of nvidia-ml-py (tests pass
     an emulation); ``sysfs`` the root of /sys."""
 
-    def __init__(
-        self, nvml: ModuleType | None = None, sysfs: Path = Path("/sys"), rack_nodes: int = 18
-    ) -> None:
+    def __init__(self, nvml: ModuleType | None = None, sysfs: Path = Path("/sys")) -> None:
         if nvml is None:
             import pynvml  # noqa: PLC0415 (nvidia-ml-py; loads libnvidia-ml.so.1)
 
             nvml = pynvml
         self.nvml = nvml
         self.sysfs = sysfs
-        self.rack_nodes = rack_nodes
         try:
             nvml.nvmlInit()
         except nvml.NVMLError as error:
             raise DiscoveryError(
                 f"NVML could not start ({error}): is the NVIDIA driver loaded and "
                 "libnvidia-ml.so.1 on the library path? Use --fake PRESET to run without GPUs."
-            ) from None
-        self.handles = [
+            ) from error
+        self.handles: list[NvmlHandle] = [
             self._call("get device handle", nvml.nvmlDeviceGetHandleByIndex, i)
             for i in range(self._call("count devices", nvml.nvmlDeviceGetCount))
         ]
         self.unhealthy: dict[int, str] = {}
         self.events = self._register_xid_events()
 
-    def _call(self, what: str, function: Any, *args: Any) -> Any:
+    def _call(self, what: str, function: Callable[..., _T], *args: object) -> _T:
         try:
             return function(*args)
         except self.nvml.NVMLError as error:
-            raise DiscoveryError(f"NVML failed to {what}: {error}") from None
+            raise DiscoveryError(f"NVML failed to {what}: {error}") from error
 
     def close(self) -> None:
         try:
@@ -109,7 +113,7 @@ class NvmlBackend:
             rack_domain=self._rack_domain(),
         )
 
-    def _gpu(self, index: int, handle: Any) -> GpuDevice:
+    def _gpu(self, index: int, handle: NvmlHandle) -> GpuDevice:
         nvml = self.nvml
         bus_id = _text(self._call("read PCI info", nvml.nvmlDeviceGetPciInfo, handle).busId)
         return GpuDevice(
@@ -124,7 +128,7 @@ class NvmlBackend:
             behind_switch=len(self._pci_path(bus_id)) >= 4,  # root, root port, switch up+down
         )
 
-    def _gpu_numa(self, handle: Any, bus_id: str) -> int:
+    def _gpu_numa(self, handle: NvmlHandle, bus_id: str) -> int:
         try:
             return int(self.nvml.nvmlDeviceGetNumaNodeId(handle))
         except (self.nvml.NVMLError, AttributeError):
@@ -136,7 +140,7 @@ class NvmlBackend:
         40: PcieLevel.NODE, 50: PcieLevel.SYS,
     }  # fmt: skip
 
-    def _pcie(self, a: Any, b: Any) -> PcieLevel:
+    def _pcie(self, a: NvmlHandle, b: NvmlHandle) -> PcieLevel:
         if a is b:
             return PcieLevel.PIX
         level = self._call(
@@ -185,7 +189,7 @@ class NvmlBackend:
         if info.state != nvml.NVML_GPU_FABRIC_STATE_COMPLETED or not any(info.clusterUuid):
             return None
         cluster = bytes(info.clusterUuid).hex()
-        return RackDomain(name=f"nvl-{cluster[:12]}-{info.cliqueId}", nodes=self.rack_nodes)
+        return RackDomain(name=f"nvl-{cluster[:12]}-{info.cliqueId}", nodes=RACK_NODES)
 
     # -- host facts from sysfs --------------------------------------------------------------
     def _pci_dir(self, bus_id: str) -> Path:
@@ -228,10 +232,10 @@ class NvmlBackend:
         return nics
 
     # -- health and metrics -----------------------------------------------------------------
-    def _register_xid_events(self) -> Any:
+    def _register_xid_events(self) -> NvmlHandle | None:
         nvml = self.nvml
         try:
-            events = nvml.nvmlEventSetCreate()
+            events: NvmlHandle = nvml.nvmlEventSetCreate()
             for handle in self.handles:
                 nvml.nvmlDeviceRegisterEvents(handle, nvml.nvmlEventTypeXidCriticalError, events)
         except nvml.NVMLError as error:
@@ -263,7 +267,7 @@ class NvmlBackend:
         self._drain_xid_events()
         return [self._sample(i, h) for i, h in enumerate(self.handles)]
 
-    def _sample(self, index: int, handle: Any) -> GpuSample:
+    def _sample(self, index: int, handle: NvmlHandle) -> GpuSample:
         nvml = self.nvml
         try:
             utilization = nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100

@@ -15,19 +15,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
-from tidal.kubeclient import discard, error_message, read_json
-from tidal.node_agent.backend import GpuSample
-from tidal.node_agent.facts import NodeFacts, matching_preset, topology_class, topology_spec
+from tidal import api
+from tidal.kubeclient import KubeApiError, call, discard, read_json
+from tidal.node_agent.facts import (
+    GpuSample,
+    NodeFacts,
+    matching_preset,
+    topology_class,
+    topology_spec,
+)
 from tidal.topology import NodeShape, NodeTopology, build_topology, compile_shape
 
-GROUP, VERSION, PLURAL, KIND = "tidal.dev", "v1alpha1", "gputopologies", "GPUTopology"
 FIELD_MANAGER = "tidal-node-agent"
-LABEL_GPU_MODEL = "tidal.dev/gpu-model"
-LABEL_GPU_COUNT = "tidal.dev/gpu-count"
-LABEL_TOPOLOGY_CLASS = "tidal.dev/topology-class"
-LABEL_NVLINK_DOMAIN = "tidal.dev/nvlink-domain"
 MANAGED_BY = "app.kubernetes.io/managed-by"
 
 log = logging.getLogger(__name__)
@@ -65,20 +65,20 @@ def label_value(text: str) -> str:
 def node_labels(discovery: Discovery) -> dict[str, str]:
     facts = discovery.facts
     labels = {
-        LABEL_GPU_MODEL: label_value(facts.gpu_model),
-        LABEL_GPU_COUNT: str(len(facts.gpus)),
-        LABEL_TOPOLOGY_CLASS: discovery.topology_class,
+        api.LABEL_GPU_MODEL: label_value(facts.gpu_model),
+        api.LABEL_GPU_COUNT: str(len(facts.gpus)),
+        api.LABEL_TOPOLOGY_CLASS: discovery.topology_class,
     }
     if facts.rack_domain:
-        labels[LABEL_NVLINK_DOMAIN] = label_value(facts.rack_domain.name)
+        labels[api.LABEL_NVLINK_DOMAIN] = label_value(facts.rack_domain.name)
     return labels
 
 
 def gpu_topology(discovery: Discovery, node_uid: str) -> dict[str, Any]:
     """The GPUTopology object for the node (spec and metadata; status goes separately)."""
     return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": KIND,
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND_GPUTOPOLOGY,
         "metadata": {
             "name": discovery.node,
             "labels": {MANAGED_BY: FIELD_MANAGER, **node_labels(discovery)},
@@ -126,33 +126,32 @@ def topology_status(
     }
     if discovery.preset:
         status["preset"] = discovery.preset
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
+    return {"apiVersion": api.API_VERSION, "kind": api.KIND_GPUTOPOLOGY,
             "metadata": {"name": discovery.node}, "status": status}  # fmt: skip
-
-
-class PublishError(RuntimeError):
-    pass
 
 
 class Publisher:
     """Applies the node's GPUTopology, its status (the heartbeat) and the node labels."""
 
-    def __init__(self, api: client.ApiClient) -> None:
-        self.core = client.CoreV1Api(api)
-        self.custom = client.CustomObjectsApi(api)
+    def __init__(self, kube_api: client.ApiClient) -> None:
+        self.core = client.CoreV1Api(kube_api)
+        self.custom = client.CustomObjectsApi(kube_api)
         self._node_uid: str | None = None
 
     def _node_uid_of(self, node: str) -> str:
         if self._node_uid is None:
             try:
-                response = self.core.read_node(node, _preload_content=False)
-            except ApiException as error:
+                response = call(
+                    f"read node {node}", lambda: self.core.read_node(node, _preload_content=False)
+                )
+            except KubeApiError as error:
                 if error.status == 404:
-                    raise PublishError(
+                    raise KubeApiError(
+                        404,
                         f"node {node!r} does not exist: set --node-name (in a DaemonSet, from "
-                        "spec.nodeName through the downward API)"
-                    ) from None
-                raise PublishError(f"read node {node}: {error_message(error)}") from None
+                        "spec.nodeName through the downward API)",
+                    ) from error
+                raise
             self._node_uid = read_json(response)["metadata"]["uid"]
         return self._node_uid
 
@@ -161,28 +160,25 @@ class Publisher:
         body = gpu_topology(discovery, self._node_uid_of(discovery.node))
         self._apply(discovery.node, body, self.custom.patch_cluster_custom_object)
         labels = {"metadata": {"labels": node_labels(discovery)}}
-        try:
-            self.core.patch_node(discovery.node, labels)
-        except ApiException as error:
-            raise PublishError(f"label node {discovery.node}: {error_message(error)}") from None
+        call(f"label node {discovery.node}", lambda: self.core.patch_node(discovery.node, labels))
 
     def heartbeat(self, discovery: Discovery, samples: Sequence[GpuSample]) -> None:
         body = topology_status(discovery, samples)
         self._apply(discovery.node, body, self.custom.patch_cluster_custom_object_status)
 
     def _apply(self, node: str, body: dict[str, Any], patch: Any) -> None:
-        try:
-            response = patch(
-                GROUP,
-                VERSION,
-                PLURAL,
+        response = call(
+            f"apply GPUTopology {node}",
+            lambda: patch(
+                api.GROUP,
+                api.VERSION,
+                api.PLURAL_GPUTOPOLOGIES,
                 node,
                 body,
                 field_manager=FIELD_MANAGER,
                 force=True,
                 _content_type="application/apply-patch+yaml",  # JSON is YAML
                 _preload_content=False,
-            )
-        except ApiException as error:
-            raise PublishError(f"apply GPUTopology {node}: {error_message(error)}") from None
+            ),
+        )
         discard(response)

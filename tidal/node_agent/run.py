@@ -11,15 +11,17 @@ from pathlib import Path
 
 from prometheus_client import start_http_server
 
-from tidal.node_agent.backend import GpuBackend, GpuSample, open_backend
+from tidal.kubeclient import KubeApiError
+from tidal.node_agent.backend import open_backend
 from tidal.node_agent.deviceplugin.server import (
     DevicePluginServer,
     GpuDevicePlugin,
     PluginOptions,
 )
+from tidal.node_agent.facts import GpuBackend, GpuSample
 from tidal.node_agent.kube import KubePods
 from tidal.node_agent.metrics import AgentMetrics
-from tidal.node_agent.publish import Discovery, Publisher, PublishError
+from tidal.node_agent.publish import Discovery, Publisher
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +42,11 @@ class AgentOptions:
 
 
 class NodeAgent:
-    def __init__(self, options: AgentOptions, backend: GpuBackend | None = None) -> None:
+    def __init__(self, options: AgentOptions) -> None:
         from tidal.kubeclient import api_client  # noqa: PLC0415
 
         self.options = options
-        self.backend = backend or open_backend(
+        self.backend: GpuBackend = open_backend(
             options.node, options.fake, options.fixture, options.fake_health
         )
         self.discovery = Discovery.of(options.node, self.backend.facts())
@@ -89,14 +91,13 @@ class NodeAgent:
                     self.discovery.topology_class,
                 )
                 return
-            except PublishError as error:
+            except KubeApiError as error:
                 log.error("%s; retrying in %.0f s", error, backoff)
                 self.stop_event.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
 
     def _loop(self) -> None:
         last_beat = last_discovery = 0.0
-        samples: list[GpuSample] = []
         while not self.stop_event.is_set():
             now = time.monotonic()
             samples = self.backend.sample()
@@ -115,7 +116,7 @@ class NodeAgent:
         try:
             self.publisher.heartbeat(self.discovery, samples)
             self.metrics.heartbeat.set_to_current_time()
-        except PublishError as error:
+        except KubeApiError as error:
             log.error("heartbeat: %s", error)
 
     def _rediscover(self) -> None:

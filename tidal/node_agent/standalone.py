@@ -26,10 +26,10 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import yaml
 
@@ -82,7 +82,7 @@ def parse_spec(text: str, source: str, has_nvswitch: bool = False) -> Standalone
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise SpecError(f"{source}: not valid YAML: {error}") from None
+        raise SpecError(f"{source}: not valid YAML: {error}") from error
     if not isinstance(data, dict):
         raise SpecError(f"{source}: expected a mapping with 'workers'")
     workers = data.get("workers")
@@ -101,7 +101,7 @@ def parse_spec(text: str, source: str, has_nvswitch: bool = False) -> Standalone
     return StandaloneSpec(parsed, Path(str(data.get("logDir", "tidal-logs"))), float(grace))
 
 
-def _worker(data: Any, where: str, has_nvswitch: bool) -> WorkerSpec:
+def _worker(data: object, where: str, has_nvswitch: bool) -> WorkerSpec:
     if not isinstance(data, dict):
         raise SpecError(f"{where}: expected a mapping")
     name = data.get("name")
@@ -128,7 +128,7 @@ def _worker(data: Any, where: str, has_nvswitch: bool) -> WorkerSpec:
     )  # fmt: skip
 
 
-def _topology(data: Any, where: str, gpus: int, has_nvswitch: bool) -> tuple[TopologyMode, Tier]:
+def _topology(data: object, where: str, gpus: int, has_nvswitch: bool) -> tuple[TopologyMode, Tier]:
     default_mode, default_tier = default_topology(gpus, has_nvswitch)
     if data is None:
         return default_mode, default_tier
@@ -136,13 +136,13 @@ def _topology(data: Any, where: str, gpus: int, has_nvswitch: bool) -> tuple[Top
         raise SpecError(f"{where}.topology: expected a mapping with mode and tier")
     try:
         mode = TopologyMode(data.get("mode", default_mode.value))
-    except ValueError:
+    except ValueError as error:
         modes = ", ".join(m.value for m in TopologyMode)
-        raise SpecError(f"{where}.topology.mode: expected one of {modes}") from None
+        raise SpecError(f"{where}.topology.mode: expected one of {modes}") from error
     try:
         tier = Tier.parse(str(data.get("tier", default_tier.label)))
     except ValueError as error:
-        raise SpecError(f"{where}.topology.tier: {error}") from None
+        raise SpecError(f"{where}.topology.tier: {error}") from error
     if tier is Tier.RACK:
         raise SpecError(f"{where}.topology.tier: 'rack' needs several machines")
     return mode, tier
@@ -215,15 +215,8 @@ class Supervisor:
     STABLE_S = 60.0  # a worker that ran this long gets its backoff reset
     MAX_BACKOFF_S = 30.0
 
-    def __init__(
-        self,
-        spec: StandaloneSpec,
-        discovery: Discovery,
-        slots: Sequence[Slot],
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, spec: StandaloneSpec, discovery: Discovery, slots: Sequence[Slot]) -> None:
         self.spec = spec
-        self.clock = clock
         self.stop_event = threading.Event()
         spec.log_dir.mkdir(parents=True, exist_ok=True)
         facts, topo, shape = discovery.facts, discovery.topology, discovery.shape
@@ -262,7 +255,7 @@ class Supervisor:
         if worker.finished:
             return
         if worker.process is None:
-            if self.clock() >= worker.next_start:
+            if time.monotonic() >= worker.next_start:
                 self._start(worker)
             return
         code = worker.process.poll()
@@ -275,10 +268,10 @@ class Supervisor:
             log.info("worker %s exited with %d; not restarting (%s)", worker.slot.name, code,
                      policy)  # fmt: skip
             return
-        ran = self.clock() - worker.started
+        ran = time.monotonic() - worker.started
         if ran >= self.STABLE_S:
             worker.backoff_s = 1.0
-        worker.next_start = self.clock() + worker.backoff_s
+        worker.next_start = time.monotonic() + worker.backoff_s
         log.warning("worker %s exited with %d after %.1f s; restarting in %.0f s",
                     worker.slot.name, code, ran, worker.backoff_s)  # fmt: skip
         worker.backoff_s = min(worker.backoff_s * 2, self.MAX_BACKOFF_S)
@@ -303,7 +296,7 @@ class Supervisor:
             worker.finished = True
             log.error("worker %s cannot start: %s", worker.slot.name, error)
             return
-        worker.started = self.clock()
+        worker.started = time.monotonic()
         log.info("worker %s started (pid %d) on GPUs %s", worker.slot.name, worker.process.pid,
                  list(worker.slot.gpus))  # fmt: skip
 

@@ -11,26 +11,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from tidal import api
+from tidal.placement import TopologyMode
 from tidal.rbac import app_labels, cluster_role, cluster_role_binding, service_account
+from tidal.topology import Tier
 
-GROUP = "tidal.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
 CATEGORY = "tidal"
 TP_SIZES = [1, 2, 4, 8]
-TOPOLOGY_MODES = ["guaranteed", "best-effort", "none"]
-TOPOLOGY_TIERS = ["nvlink", "pcie-switch", "numa", "socket", "node", "rack"]
+TOPOLOGY_MODES = [mode.value for mode in TopologyMode]
 # The operator creates one pod per replica / worker, never a gang, and the scheduler extender
 # refuses 'rack' for a single pod ("'rack' applies to gangs only"): a workload asking for it
 # would stay Pending forever, so the API server refuses it instead.
-WORKLOAD_TIERS = [t for t in TOPOLOGY_TIERS if t != "rack"]
-ONLINE_PRIORITY_CLASS = "tidal-online"
-BATCH_PRIORITY_CLASS = "tidal-batch"
+WORKLOAD_TIERS = [tier.label for tier in Tier if tier is not Tier.RACK]
 # The PriorityClasses each kind may name without configuration. A service may run at batch
 # priority (lower, harmless); a batch job may not run at online priority, which would let
 # batch work preempt (tidal-online preempts lower priorities; tidal-batch never preempts).
-SERVICE_PRIORITY_CLASSES = (ONLINE_PRIORITY_CLASS, BATCH_PRIORITY_CLASS)
-JOB_PRIORITY_CLASSES = (BATCH_PRIORITY_CLASS,)
+SERVICE_PRIORITY_CLASSES = (api.PRIORITY_CLASS_ONLINE, api.PRIORITY_CLASS_BATCH)
+JOB_PRIORITY_CLASSES = (api.PRIORITY_CLASS_BATCH,)
 # metadata.name of an LLMService / LLMBatchJob becomes the value of the tidal.dev/llmservice
 # (or llmbatchjob) and app.kubernetes.io/instance labels of its pods and of the selector the
 # operator lists them by; a label value is at most 63 characters, so that is the bound. The pod
@@ -246,7 +243,7 @@ def _workload_properties(priority_classes: tuple[str, ...]) -> dict[str, Any]:
 def allowed_priority_classes(kind: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The PriorityClasses ``kind`` may name: its defaults (the kind's own first), then
     ``extra`` (the operator's configured list), without repeats."""
-    base = SERVICE_PRIORITY_CLASSES if kind == "LLMService" else JOB_PRIORITY_CLASSES
+    base = SERVICE_PRIORITY_CLASSES if kind == api.KIND_LLMSERVICE else JOB_PRIORITY_CLASSES
     return tuple(dict.fromkeys((*base, *extra)))
 
 
@@ -517,9 +514,12 @@ def _crd(
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.{GROUP}", "labels": {"app.kubernetes.io/part-of": "tidal"}},
+        "metadata": {
+            "name": f"{plural}.{api.GROUP}",
+            "labels": {"app.kubernetes.io/part-of": "tidal"},
+        },
         "spec": {
-            "group": GROUP,
+            "group": api.GROUP,
             "scope": scope,
             "names": {
                 "kind": kind,
@@ -531,7 +531,7 @@ def _crd(
             },
             "versions": [
                 {
-                    "name": VERSION,
+                    "name": api.VERSION,
                     "served": True,
                     "storage": True,
                     "schema": {"openAPIV3Schema": schema},
@@ -579,11 +579,11 @@ def custom_resource_definitions(
 ) -> list[dict[str, Any]]:
     """The three CRDs, ready to apply; ``extra_priority_classes`` are the PriorityClasses
     the operator is configured to allow beyond tidal's own (``allowed_priority_classes``)."""
-    service_classes = allowed_priority_classes("LLMService", extra_priority_classes)
-    job_classes = allowed_priority_classes("LLMBatchJob", extra_priority_classes)
+    service_classes = allowed_priority_classes(api.KIND_LLMSERVICE, extra_priority_classes)
+    job_classes = allowed_priority_classes(api.KIND_LLMBATCHJOB, extra_priority_classes)
     service = _crd(
-        "LLMService",
-        "llmservices",
+        api.KIND_LLMSERVICE,
+        api.PLURAL_LLMSERVICES,
         "llmsvc",
         "Namespaced",
         _root(
@@ -610,8 +610,8 @@ def custom_resource_definitions(
         },
     )
     job = _crd(
-        "LLMBatchJob",
-        "llmbatchjobs",
+        api.KIND_LLMBATCHJOB,
+        api.PLURAL_LLMBATCHJOBS,
         "llmjob",
         "Namespaced",
         _root(
@@ -632,8 +632,8 @@ def custom_resource_definitions(
         {"status": {}},
     )
     topology = _crd(
-        "GPUTopology",
-        "gputopologies",
+        api.KIND_GPUTOPOLOGY,
+        api.PLURAL_GPUTOPOLOGIES,
         "gputopo",
         "Cluster",
         _root(TOPOLOGY_SPEC, TOPOLOGY_STATUS, "The GPU topology of one node, named after it."),
@@ -658,7 +658,7 @@ def priority_classes() -> list[dict[str, Any]]:
         {
             "apiVersion": "scheduling.k8s.io/v1",
             "kind": "PriorityClass",
-            "metadata": {"name": ONLINE_PRIORITY_CLASS},
+            "metadata": {"name": api.PRIORITY_CLASS_ONLINE},
             "value": 1_000_000,
             "preemptionPolicy": "PreemptLowerPriority",
             "description": "tidal online LLM services: may preempt batch work.",
@@ -666,7 +666,7 @@ def priority_classes() -> list[dict[str, Any]]:
         {
             "apiVersion": "scheduling.k8s.io/v1",
             "kind": "PriorityClass",
-            "metadata": {"name": BATCH_PRIORITY_CLASS},
+            "metadata": {"name": api.PRIORITY_CLASS_BATCH},
             "value": 1_000,
             "preemptionPolicy": "Never",
             "description": "tidal offline LLM batch jobs: preemptible, never preempt.",
@@ -676,24 +676,24 @@ def priority_classes() -> list[dict[str, Any]]:
 
 def operator_cluster_role() -> dict[str, Any]:
     """Least privilege for ``tidal operator run``."""
-    tidal_resources = ["llmservices", "llmbatchjobs"]
+    tidal_resources = [api.PLURAL_LLMSERVICES, api.PLURAL_LLMBATCHJOBS]
     return cluster_role(
         OPERATOR,
         app_labels(OPERATOR, "operator"),
         [
             {
-                "apiGroups": [GROUP],
+                "apiGroups": [api.GROUP],
                 "resources": tidal_resources,
                 "verbs": ["get", "list", "watch", "patch", "update"],
             },
             {
-                "apiGroups": [GROUP],
+                "apiGroups": [api.GROUP],
                 "resources": [f"{r}/status" for r in tidal_resources],
                 "verbs": ["get", "patch", "update"],
             },
             {
-                "apiGroups": [GROUP],
-                "resources": ["gputopologies"],
+                "apiGroups": [api.GROUP],
+                "resources": [api.PLURAL_GPUTOPOLOGIES],
                 "verbs": ["get", "list", "watch"],
             },
             {

@@ -12,14 +12,13 @@ from typing import Any
 
 import kopf
 
-from tidal.operator.crds import GROUP
-from tidal.operator.kube import OperatorApiError
+from tidal import api
+from tidal.kubeclient import KubeApiError
 from tidal.operator.planner import Event
 from tidal.operator.reconciler import ReconcileError, Reconciler
-from tidal.operator.spec import JOB_LABEL, SERVICE_LABEL
 
 log = logging.getLogger(__name__)
-KINDS = {"LLMService": "llmservices", "LLMBatchJob": "llmbatchjobs"}
+KINDS = api.WORKLOAD_PLURALS
 # Often enough to apply a schedule entry within a minute of its time, and to notice pods that
 # vanished while the operator was not watching.
 TIMER_INTERVAL_S = 15.0
@@ -45,7 +44,7 @@ def _as_kopf_error(action: Callable[[], object]) -> None:
         if error.permanent:
             raise kopf.PermanentError(str(error)) from error
         raise kopf.TemporaryError(str(error), delay=error.delay or 5) from error
-    except OperatorApiError as error:  # the object could not even be read
+    except KubeApiError as error:  # the object could not even be read
         if error.permanent:
             raise kopf.PermanentError(str(error)) from error
         raise kopf.TemporaryError(str(error), delay=5) from error
@@ -59,7 +58,7 @@ def _tick(reconciler: Reconciler, kind: str, namespace: str, name: str, body: An
     _as_kopf_error(lambda: reconciler.tick(kind, namespace, name, body))
 
 
-def cleanup_verdict(remaining: int, error: OperatorApiError | None, runtime_s: float) -> str:
+def cleanup_verdict(remaining: int, error: KubeApiError | None, runtime_s: float) -> str:
     """What the finalizer does next: "done" (no pods left), "wait" (retry), or "give-up"
     (let the object go with a Warning Event; the garbage collector removes its pods by their
     ownerReferences). A permanent API error or CLEANUP_TIMEOUT_S gives up: a finalizer that
@@ -75,7 +74,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
     """Register tidal's handlers on ``registry``."""
     for kind, plural in KINDS.items():
         _register_kind(registry, reconciler, kind, plural)
-    for label in (SERVICE_LABEL, JOB_LABEL):
+    for label in (api.LABEL_LLMSERVICE, api.LABEL_LLMBATCHJOB):
         _register_pods(registry, reconciler, label)
 
     @kopf.on.event("", "v1", "nodes", id="node-event", registry=registry)
@@ -94,9 +93,9 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         # Keep kopf's own bookkeeping in annotations: the status schema is tidal's.
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=GROUP, key="last-handled-configuration"
+            prefix=api.GROUP, key="last-handled-configuration"
         )
         # tidal posts its own Events (scaled, preempted, failures with their reasons); kopf's
         # warnings and errors (a handler that failed) become Events too, not only log lines:
@@ -111,7 +110,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
 def _register_kind(
     registry: kopf.OperatorRegistry, reconciler: Reconciler, kind: str, plural: str
 ) -> None:
-    resource = (GROUP, plural)
+    resource = (api.GROUP, plural)
 
     @kopf.on.resume(*resource, id="reconcile", registry=registry)
     @kopf.on.create(*resource, id="reconcile", registry=registry)
@@ -134,7 +133,7 @@ def _register_kind(
         remaining, failure = 0, None
         try:
             remaining = reconciler.cleanup(kind, namespace, name, uid)
-        except OperatorApiError as error:
+        except KubeApiError as error:
             failure = error
         runtime = kwargs.get("runtime")
         runtime_s = runtime.total_seconds() if runtime is not None else 0.0
@@ -165,7 +164,7 @@ def _register_pods(registry: kopf.OperatorRegistry, reconciler: Reconciler, labe
         gone = [pod] if event.get("type") == "DELETED" else []
         try:
             reconciler.reconcile(*owner, gone=gone)
-        except (ReconcileError, OperatorApiError) as error:
+        except (ReconcileError, KubeApiError) as error:
             # Event handlers are not retried; the owner's timer catches up. A failure is on
             # the object already.
             log.warning("reconcile of %s/%s/%s after a pod event: %s", *owner, error)

@@ -8,36 +8,18 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
-from tidal.kubeclient import discard, error_message, read_json
-from tidal.operator.crds import GROUP, VERSION, manifests
-from tidal.operator.pods import GPU_RESOURCE
+from tidal import api
+from tidal.kubeclient import KubeApiError, call, discard, read_json
+from tidal.operator.crds import (
+    manifests,
+)
 
 log = logging.getLogger(__name__)
-PLURALS = {"LLMService": "llmservices", "LLMBatchJob": "llmbatchjobs"}
-
-
-class OperatorApiError(Exception):
-    """An API call failed; ``status`` is the HTTP status (0 when the server was not reached)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-    @property
-    def permanent(self) -> bool:
-        """No retry of the same request can succeed: 400 Bad Request, 422 Invalid (a pod the
-        spec makes invalid), 403 Forbidden (a missing PriorityClass, RBAC, policy). A 403
-        for an exceeded ResourceQuota passes when other pods finish, so it is retried, as are
-        0 (not reached), 401 (a token to renew), 404, 409, 429 and 5xx."""
-        if self.status == 403:
-            return "exceeded quota" not in str(self)
-        return self.status in (400, 422)
-
-
-def _message(error: ApiException) -> str:
-    return error_message(error)
+PLURALS = {
+    api.KIND_LLMSERVICE: api.PLURAL_LLMSERVICES,
+    api.KIND_LLMBATCHJOB: api.PLURAL_LLMBATCHJOBS,
+}
 
 
 def _json(response: Any) -> Any:
@@ -48,30 +30,31 @@ def _gpus_requested(pod: dict[str, Any]) -> int:
     total = 0
     for container in pod.get("spec", {}).get("containers") or ():
         limits = (container.get("resources") or {}).get("limits") or {}
-        total += int(limits.get(GPU_RESOURCE, 0))
+        total += int(limits.get(api.GPU_RESOURCE, 0))
     return total
 
 
 class OperatorKube:
-    def __init__(self, api: client.ApiClient) -> None:
-        self.api = api
-        self.core = client.CoreV1Api(api)
-        self.custom = client.CustomObjectsApi(api)
+    def __init__(self, kube_api: client.ApiClient) -> None:
+        self.api = kube_api
+        self.core = client.CoreV1Api(kube_api)
+        self.custom = client.CustomObjectsApi(kube_api)
 
     def _call(self, what: str, action: Callable[[], Any], ok: Iterable[int] = ()) -> Any:
+        """``call``, with the statuses in ``ok`` (such as 404 for a read) answered None."""
         try:
-            return action()
-        except ApiException as error:
+            return call(what, action)
+        except KubeApiError as error:
             if error.status in tuple(ok):
                 return None
-            raise OperatorApiError(int(error.status or 0), f"{what}: {_message(error)}") from None
+            raise
 
     # -- the custom objects ------------------------------------------------------------------
     def get_object(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         response = self._call(
             f"get {kind} {namespace}/{name}",
             lambda: self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURALS[kind], name, _preload_content=False
+                api.GROUP, api.VERSION, namespace, PLURALS[kind], name, _preload_content=False
             ),
             ok=(404,),
         )
@@ -81,7 +64,7 @@ class OperatorKube:
         self._call(
             f"update status of {kind} {namespace}/{name}",
             lambda: self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURALS[kind], name, {"status": status}
+                api.GROUP, api.VERSION, namespace, PLURALS[kind], name, {"status": status}
             ),
             ok=(404,),
         )
@@ -90,7 +73,12 @@ class OperatorKube:
         self._call(
             f"scale LLMService {namespace}/{name}",
             lambda: self.custom.patch_namespaced_custom_object(
-                GROUP, VERSION, namespace, "llmservices", name, {"spec": {"replicas": replicas}}
+                api.GROUP,
+                api.VERSION,
+                namespace,
+                api.PLURAL_LLMSERVICES,
+                name,
+                {"spec": {"replicas": replicas}},
             ),
         )
 
@@ -172,12 +160,14 @@ class OperatorKube:
                 for p in pods
                 if p.get("status", {}).get("phase") not in ("Succeeded", "Failed")
             )
-            free[node] = int(allocatable.get(GPU_RESOURCE, 0)) - used
+            free[node] = int(allocatable.get(api.GPU_RESOURCE, 0)) - used
         return free
 
 
 def install(
-    api: client.ApiClient, timeout_s: float = 60.0, extra_priority_classes: tuple[str, ...] = ()
+    kube_api: client.ApiClient,
+    timeout_s: float = 60.0,
+    extra_priority_classes: tuple[str, ...] = (),
 ) -> list[str]:
     """Create or update the CRDs, PriorityClasses and the operator's ClusterRole; wait until
     the CRDs are established. Returns what was applied, as "Kind/name".
@@ -185,9 +175,9 @@ def install(
     run with the same list)."""
     applied = []
     for manifest in manifests(extra_priority_classes):
-        _apply(api, manifest)
+        _apply(kube_api, manifest)
         applied.append(f"{manifest['kind']}/{manifest['metadata']['name']}")
-    extensions = client.ApiextensionsV1Api(api)
+    extensions = client.ApiextensionsV1Api(kube_api)
     deadline = time.monotonic() + timeout_s
     for manifest in manifests(extra_priority_classes):
         if manifest["kind"] != "CustomResourceDefinition":
@@ -195,7 +185,7 @@ def install(
         name = manifest["metadata"]["name"]
         while not _established(extensions.read_custom_resource_definition(name)):
             if time.monotonic() > deadline:
-                raise OperatorApiError(0, f"CRD {name} not established after {timeout_s:.0f} s")
+                raise KubeApiError(0, f"CRD {name} not established after {timeout_s:.0f} s")
             time.sleep(0.2)
     return applied
 
@@ -205,24 +195,25 @@ def _established(crd: Any) -> bool:
     return any(c.type == "Established" and c.status == "True" for c in conditions)
 
 
-def _apply(api: client.ApiClient, manifest: dict[str, Any]) -> None:
+def _apply(kube_api: client.ApiClient, manifest: dict[str, Any]) -> None:
     """Server-side apply, so re-running an install updates what changed and nothing else."""
     kind, name = manifest["kind"], manifest["metadata"]["name"]
     patchers: dict[str, Callable[..., Any]] = {
-        "CustomResourceDefinition": client.ApiextensionsV1Api(api).patch_custom_resource_definition,
-        "PriorityClass": client.SchedulingV1Api(api).patch_priority_class,
-        "ClusterRole": client.RbacAuthorizationV1Api(api).patch_cluster_role,
+        "CustomResourceDefinition": client.ApiextensionsV1Api(
+            kube_api
+        ).patch_custom_resource_definition,
+        "PriorityClass": client.SchedulingV1Api(kube_api).patch_priority_class,
+        "ClusterRole": client.RbacAuthorizationV1Api(kube_api).patch_cluster_role,
     }
-    try:
-        response = patchers[kind](
+    response = call(
+        f"apply {kind}/{name}",
+        lambda: patchers[kind](
             name,
             manifest,
             field_manager="tidal-operator",
             force=True,
             _content_type="application/apply-patch+yaml",  # JSON is YAML
             _preload_content=False,
-        )
-        discard(response)
-    except ApiException as error:
-        status = int(error.status or 0)
-        raise OperatorApiError(status, f"apply {kind}/{name}: {_message(error)}") from None
+        ),
+    )
+    discard(response)

@@ -13,8 +13,18 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from tidal.operator.pods import job_pod, job_pod_name, service_pod
-from tidal.operator.spec import Autoscaling, JobSpec, ObservedPod, ServiceSpec, Workload
+from tidal.operator.pods import (
+    job_pod,
+    job_pod_name,
+    service_pod,
+)
+from tidal.operator.spec import (
+    Autoscaling,
+    JobSpec,
+    ObservedPod,
+    ServiceSpec,
+    Workload,
+)
 
 Condition = dict[str, Any]
 # A pod the scheduler cannot place for longer than this (with no node being freed for it by a

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from tidal.operator.crds import API_VERSION
+from tidal import api
 from tidal.operator.spec import (
-    ATTEMPT_ANNOTATION,
-    INDEX_LABEL,
-    PREFIX,
-    SPEC_HASH_ANNOTATION,
     JobSpec,
     ServiceSpec,
     Workload,
 )
 
-SCHEDULER_NAME = "tidal-scheduler"
-GPU_RESOURCE = "nvidia.com/gpu"
 # A replica drains its requests; a batch worker writes a checkpoint before it goes.
 SERVICE_GRACE_S = 30
 JOB_GRACE_S = 120
@@ -47,16 +41,16 @@ def _base_pod(workload: Workload, name: str, index: int, grace_s: int) -> dict[s
         "app.kubernetes.io/instance": workload.name,
         "app.kubernetes.io/managed-by": "tidal-operator",
         workload.owner_label: workload.name,
-        INDEX_LABEL: str(index),
+        api.LABEL_INDEX: str(index),
     }
     annotations = {
         **workload.pod_annotations,
-        f"{PREFIX}topology-mode": workload.topology_mode,
-        f"{PREFIX}topology-tier": workload.topology_tier,
-        SPEC_HASH_ANNOTATION: workload.spec_hash(),
+        api.ANNOTATION_TOPOLOGY_MODE: workload.topology_mode,
+        api.ANNOTATION_TOPOLOGY_TIER: workload.topology_tier,
+        api.ANNOTATION_SPEC_HASH: workload.spec_hash(),
     }
     owner = {
-        "apiVersion": API_VERSION,
+        "apiVersion": api.API_VERSION,
         "kind": workload.kind,
         "name": workload.name,
         "uid": workload.uid,
@@ -68,7 +62,7 @@ def _base_pod(workload: Workload, name: str, index: int, grace_s: int) -> dict[s
         "image": workload.image,
         "resources": {
             "requests": {"cpu": workload.cpu, "memory": workload.memory},
-            "limits": {GPU_RESOURCE: str(workload.tensor_parallel)},
+            "limits": {api.GPU_RESOURCE: str(workload.tensor_parallel)},
         },
         "env": [
             *_env(
@@ -96,7 +90,7 @@ def _base_pod(workload: Workload, name: str, index: int, grace_s: int) -> dict[s
             "ownerReferences": [owner],
         },
         "spec": {
-            "schedulerName": SCHEDULER_NAME,
+            "schedulerName": api.SCHEDULER_NAME,
             "priorityClassName": workload.priority_class,
             "terminationGracePeriodSeconds": grace_s,
             "containers": [container],
@@ -126,9 +120,9 @@ def job_pod(job: JobSpec, index: int, attempt: int, resume_from: str) -> dict[st
     name = job_pod_name(workload.name, index, attempt)
     pod = _base_pod(workload, name, index, JOB_GRACE_S)
     notes = pod["metadata"]["annotations"]
-    notes[ATTEMPT_ANNOTATION] = str(attempt)
+    notes[api.ANNOTATION_ATTEMPT] = str(attempt)
     # The extender weighs a victim's lost work by the time since its last checkpoint.
-    notes[f"{PREFIX}checkpoint-interval-seconds"] = str(job.checkpoint_interval_s)
+    notes[api.ANNOTATION_CHECKPOINT_INTERVAL] = str(job.checkpoint_interval_s)
     container = pod["spec"]["containers"][0]
     container["args"] = ["batch", *workload.args]
     container["env"] += _env(

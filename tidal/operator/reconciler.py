@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
-from tidal.operator.kube import OperatorApiError
+from tidal import api
+from tidal.kubeclient import KubeApiError
 from tidal.operator.planner import (
     Event,
     Plan,
@@ -33,8 +34,6 @@ from tidal.operator.planner import (
     scheduled_replicas,
 )
 from tidal.operator.spec import (
-    JOB_LABEL,
-    SERVICE_LABEL,
     ObservedPod,
     SpecError,
     controller_of,
@@ -46,7 +45,10 @@ from tidal.operator.spec import (
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], dt.datetime]
-OWNER_LABELS = {"LLMService": SERVICE_LABEL, "LLMBatchJob": JOB_LABEL}
+OWNER_LABELS = {
+    api.KIND_LLMSERVICE: api.LABEL_LLMSERVICE,
+    api.KIND_LLMBATCHJOB: api.LABEL_LLMBATCHJOB,
+}
 
 
 class Kube(Protocol):
@@ -145,7 +147,7 @@ class Reconciler:
                 return None
             observed_gone = [observe_pod(p) for p in gone]
             try:
-                if kind == "LLMService":
+                if kind == api.KIND_LLMSERVICE:
                     plan = self._service(obj, observed_gone)
                 else:
                     plan = self._job(obj, observed_gone)
@@ -156,7 +158,7 @@ class Reconciler:
             except SpecError as error:
                 self._report(obj, "InvalidSpec", str(error))
                 raise ReconcileError("InvalidSpec", str(error), permanent=True) from error
-            except OperatorApiError as error:
+            except KubeApiError as error:
                 self._report(obj, "ApiError", str(error))
                 raise ReconcileError(
                     "ApiError", str(error), permanent=error.permanent, delay=RETRY_DELAY_S
@@ -171,7 +173,7 @@ class Reconciler:
         settled, a schedule entry is due, or RESYNC_S passed since the last one. Listing and
         planning every pod of every object each tick cost a 1,024-worker job a third of a
         core while nothing happened."""
-        if kind == "LLMBatchJob" and (body.get("status") or {}).get("phase") in (
+        if kind == api.KIND_LLMBATCHJOB and (body.get("status") or {}).get("phase") in (
             "Succeeded",
             "Failed",
         ):
@@ -183,7 +185,7 @@ class Reconciler:
         return None
 
     def _schedule_due(self, kind: str, body: Mapping[str, Any]) -> bool:
-        if kind != "LLMService" or not (body.get("spec") or {}).get("autoscaling"):
+        if kind != api.KIND_LLMSERVICE or not (body.get("spec") or {}).get("autoscaling"):
             return False
         try:
             autoscaling = parse_service(body, self.extra_priority_classes).autoscaling
@@ -266,7 +268,7 @@ class Reconciler:
         for owner in owners:
             try:
                 self.reconcile(*owner)
-            except (ReconcileError, OperatorApiError) as error:  # on the object already
+            except (ReconcileError, KubeApiError) as error:  # on the object already
                 log.warning("reconcile of %s/%s/%s after node %s went: %s", *owner, node, error)
         return owners
 
@@ -294,7 +296,7 @@ class Reconciler:
         for pod in plan.create:
             try:
                 created = self.kube.create_pod(pod)
-            except OperatorApiError as error:
+            except KubeApiError as error:
                 if not error.permanent:
                     raise
                 # Every pod of this spec would be refused alike: say so once, keep what the

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tidal import api
 from tidal.operator.crds import (
-    API_VERSION,
     DEFAULT_IMAGE,
     LABEL_VALUE_PATTERN,
     MAX_NAME_LENGTH,
@@ -29,15 +29,6 @@ from tidal.operator.crds import (
     allowed_priority_classes,
 )
 
-PREFIX = "tidal.dev/"
-SERVICE_LABEL = f"{PREFIX}llmservice"
-JOB_LABEL = f"{PREFIX}llmbatchjob"
-INDEX_LABEL = f"{PREFIX}index"
-GPUS_ANNOTATION = f"{PREFIX}gpus"
-ACHIEVED_TIER_ANNOTATION = f"{PREFIX}topology-achieved"
-CHECKPOINT_ANNOTATION = f"{PREFIX}checkpoint"
-ATTEMPT_ANNOTATION = f"{PREFIX}attempt"
-SPEC_HASH_ANNOTATION = f"{PREFIX}spec-hash"
 _RESERVED_KEY = re.compile(RESERVED_KEY_PATTERN)
 _QUANTITY = re.compile(QUANTITY_PATTERN)
 _LABEL_VALUE = re.compile(LABEL_VALUE_PATTERN)
@@ -101,7 +92,7 @@ def controller_of(pod: Mapping[str, Any]) -> tuple[str, str, str] | None:
     ownerReference), or None. Labels can be set by anyone who creates pods; the controller
     reference is what the operator itself wrote."""
     for ref in (pod.get("metadata") or {}).get("ownerReferences") or ():
-        if ref.get("controller") and ref.get("apiVersion") == API_VERSION:
+        if ref.get("controller") and ref.get("apiVersion") == api.API_VERSION:
             return str(ref.get("kind", "")), str(ref.get("name", "")), str(ref.get("uid", ""))
     return None
 
@@ -109,7 +100,7 @@ def controller_of(pod: Mapping[str, Any]) -> tuple[str, str, str] | None:
 def check_time_zone(name: str) -> str:
     try:
         zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as error:
         # Without a time zone database (no /usr/share/zoneinfo, no tzdata package) every name
         # is unknown: say that, not that the user's zone is wrong.
         problem = (
@@ -117,7 +108,7 @@ def check_time_zone(name: str) -> str:
             if zoneinfo.available_timezones()
             else f"{name!r} cannot be checked: the operator has no time zone database (tzdata)"
         )
-        raise SpecError("spec.autoscaling.timeZone", problem) from None
+        raise SpecError("spec.autoscaling.timeZone", problem) from error
     return name
 
 
@@ -148,7 +139,7 @@ class Workload:
 
     @property
     def owner_label(self) -> str:
-        return SERVICE_LABEL if self.kind == "LLMService" else JOB_LABEL
+        return api.LABEL_LLMSERVICE if self.kind == api.KIND_LLMSERVICE else api.LABEL_LLMBATCHJOB
 
     def spec_hash(self) -> str:
         """Changes whenever the pod template would: replicas made from an older spec are
@@ -284,7 +275,7 @@ def parse_service(
     """``extra_priority_classes``: the operator's configured PriorityClasses beyond tidal's."""
     spec = obj.get("spec", {})
     return ServiceSpec(
-        workload=_workload(obj, "LLMService", "guaranteed", extra_priority_classes),
+        workload=_workload(obj, api.KIND_LLMSERVICE, "guaranteed", extra_priority_classes),
         replicas=int(spec.get("replicas", 1)),
         port=int(spec.get("port", 8000)),
         autoscaling=_autoscaling(spec.get("autoscaling")),
@@ -295,7 +286,7 @@ def parse_job(obj: Mapping[str, Any], extra_priority_classes: tuple[str, ...] = 
     spec = obj.get("spec", {})
     limit = spec.get("maxPreemptions")
     return JobSpec(
-        workload=_workload(obj, "LLMBatchJob", "best-effort", extra_priority_classes),
+        workload=_workload(obj, api.KIND_LLMBATCHJOB, "best-effort", extra_priority_classes),
         parallelism=int(spec.get("parallelism", 1)),
         input_uri=spec["input"]["uri"],
         output_uri=spec["output"]["uri"],
@@ -361,7 +352,7 @@ def observe_pod(pod: Mapping[str, Any]) -> ObservedPod:
     return ObservedPod(
         name=meta["name"],
         uid=meta.get("uid", ""),
-        index=int(labels.get(INDEX_LABEL, "-1")),
+        index=int(labels.get(api.LABEL_INDEX, "-1")),
         phase=status.get("phase", "Pending"),
         ready=bool(ready and ready.get("status") == "True"),
         terminating=meta.get("deletionTimestamp") is not None,
@@ -371,9 +362,9 @@ def observe_pod(pod: Mapping[str, Any]) -> ObservedPod:
         unschedulable_since=str(scheduled.get("lastTransitionTime") or "") if unschedulable else "",
         nominated=bool(status.get("nominatedNodeName")),
         node=(pod.get("spec") or {}).get("nodeName") or "",
-        gpus=notes.get(GPUS_ANNOTATION, ""),
-        tier=notes.get(ACHIEVED_TIER_ANNOTATION, ""),
-        spec_hash=notes.get(SPEC_HASH_ANNOTATION, ""),
-        attempt=int(notes.get(ATTEMPT_ANNOTATION, "0")),
-        checkpoint=notes.get(CHECKPOINT_ANNOTATION, ""),
+        gpus=notes.get(api.ANNOTATION_GPUS, ""),
+        tier=notes.get(api.ANNOTATION_TOPOLOGY_ACHIEVED, ""),
+        spec_hash=notes.get(api.ANNOTATION_SPEC_HASH, ""),
+        attempt=int(notes.get(api.ANNOTATION_ATTEMPT, "0")),
+        checkpoint=notes.get(api.ANNOTATION_CHECKPOINT, ""),
     )

@@ -1,4 +1,5 @@
 """The kube-scheduler HTTP extender: filter, prioritize, preempt and bind over tidal.placement.
 
-See shared/design/SCHEDULING.md sections 4 and 5 for the protocol and its traps.
+docs/architecture.md explains the protocol, its two preemption paths (kube-scheduler's preempt
+verb, and the extender's own evictions for the topology-only conflict) and the reservations.
 """

@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from tidal import api
 from tidal.placement import ClusterSnapshot, PdbInfo, PodInfo, Reservation, first_free_gpus
 from tidal.scheduler_extender.translate import (
-    GPUS,
     SYSTEM_PRIORITY,
     ObjectError,
     ReservationRecord,
@@ -178,7 +178,7 @@ class ClusterCache:
             return
         state = self.snapshot.nodes.get(record.node)
         if state is not None and max(record.gpus) >= state.info.shape.gpu_count:
-            field = "status.conditions[tidal.dev/reservation].message"
+            field = f"status.conditions[{api.CONDITION_RESERVATION}].message"
             self._report("pod", pod, ObjectError("pod", pod_key(pod), field, "GPU beyond node"))
             return
         # Bounded even if a clock was wrong when it was written.
@@ -251,12 +251,12 @@ class ClusterCache:
         old = self.snapshot.pods.get(uid)
         unknown = self._unknown.setdefault(node, set())
         requested = self._requested_gpus(pod)
-        text = annotations_of(pod).get(GPUS)
+        text = annotations_of(pod).get(api.ANNOTATION_GPUS)
         if text is not None:
             try:
                 mask = parse_gpu_list(text, pod_key(pod), shape.gpu_count)
                 if requested is not None and mask.bit_count() != requested:
-                    field = f"metadata.annotations[{GPUS}]"
+                    field = f"metadata.annotations[{api.ANNOTATION_GPUS}]"
                     problem = (
                         f"{text!r} names {mask.bit_count()} GPUs; the pod requests {requested}"
                     )
@@ -531,7 +531,7 @@ class _KindHandlers:
     delete: Callable[[str], None]
 
 
-_FENCE = "tidal.dev/unhealthy-gpus/"  # uid prefix of the pseudo-pods holding unhealthy GPUs
+_FENCE = api.PREFIX + "unhealthy-gpus/"  # uid prefix of the pseudo-pods holding unhealthy GPUs
 
 
 def _unhealthy_mask(topology: dict[str, Any], full: int) -> int:

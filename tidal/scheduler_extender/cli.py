@@ -116,7 +116,7 @@ def extender_command(
     try:
         options.check()
     except ValueError as error:
-        raise typer.BadParameter(str(error)) from None
+        raise typer.BadParameter(str(error)) from error
     serve(options)
 
 
@@ -158,7 +158,7 @@ def scheduler_config_command(
             timeout_s=timeout,
         )
     except ValueError as error:
-        raise typer.BadParameter(str(error)) from None
+        raise typer.BadParameter(str(error)) from error
     config = scheduler_configuration(
         extender, kubeconfig=kubeconfig, qps=qps, leader_elect=leader_elect
     )

@@ -22,6 +22,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
+from tidal import api
+from tidal.kubeclient import KubeApiError
 from tidal.placement import (
     Code,
     FilterResult,
@@ -39,8 +41,6 @@ from tidal.placement.fit import Placement
 from tidal.scheduler_extender.cache import ClusterCache
 from tidal.scheduler_extender.metrics import ExtenderMetrics
 from tidal.scheduler_extender.translate import (
-    ACHIEVED_TIER,
-    GPUS,
     ObjectError,
     ReservationRecord,
     format_gpu_list,
@@ -57,14 +57,6 @@ from tidal.scheduler_extender.wire import (
 from tidal.topology import bits
 
 log = logging.getLogger(__name__)
-
-
-class ApiError(RuntimeError):
-    """A Kubernetes API call that failed; ``status`` is the HTTP status (0 if none)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class Actions(Protocol):
@@ -94,7 +86,7 @@ class Actions(Protocol):
 class ExtenderSettings:
     reservation_ttl_s: float = 300.0  # victims' grace period plus scheduling slack
     planning_deadline_s: float = 0.05
-    scheduler_name: str = "tidal-scheduler"  # the only pods the extender places or binds
+    scheduler_name: str = api.SCHEDULER_NAME  # the only pods the extender places or binds
 
 
 _REMEMBERED_PODS = 256
@@ -165,7 +157,7 @@ class Extender:
         try:
             return pod, pod_request(pod)
         except ObjectError as error:
-            raise RefusedError(str(error)) from None
+            raise RefusedError(str(error)) from error
 
     def _remember_passed(self, uid: str, nodes: list[str]) -> None:
         self._passed[uid] = frozenset(nodes)
@@ -324,7 +316,7 @@ class Extender:
             self.actions.set_reservation(namespace, name, record.to_message())
             for uid in plan.victims:
                 self._evict_victim(uid, request, plan, gpus)
-        except ApiError as error:
+        except KubeApiError as error:
             self.cache.release(request.uid)
             self._end_reservation(namespace, name, "PreemptionFailed")
             reason = f"preemption on node {plan.node} failed ({error}); replanning next attempt"
@@ -354,7 +346,7 @@ class Extender:
     def _end_reservation(self, namespace: str, name: str, reason: str) -> None:
         try:
             self.actions.end_reservation(namespace, name, reason)
-        except ApiError as error:
+        except KubeApiError as error:
             log.warning("could not end reservation on %s/%s: %s", namespace, name, error)
 
     # -- prioritize -------------------------------------------------------------------------
@@ -409,7 +401,7 @@ class Extender:
             self.actions.set_reservation(
                 meta.get("namespace", "default"), meta["name"], record.to_message()
             )
-        except ApiError as error:
+        except KubeApiError as error:
             log.warning("pod %s: reservation not recorded on the pod: %s", request.name, error)
         self.metrics.decision("preempt", "plan")
         log.info("pod %s: preempt %s on node %s", request.name, plan.victims, plan.node)
@@ -439,9 +431,9 @@ class Extender:
             # One write: the API server copies a Binding's annotations onto the pod, so the pod
             # is never bound without its GPUs (and a stale reservation is blanked with it).
             tier = self.cache.snapshot.nodes[args.node].info.shape.tier_of(chosen).label
-            notes = {GPUS: gpus, ACHIEVED_TIER: tier}
+            notes = {api.ANNOTATION_GPUS: gpus, api.ANNOTATION_TOPOLOGY_ACHIEVED: tier}
             self.actions.bind(args.namespace, args.name, args.uid, args.node, notes)
-        except ApiError as error:
+        except KubeApiError as error:
             self.cache.delete_pod(args.uid)
             self.cache.upsert_pod(pod)
             self.metrics.decision("bind", "api-error")

@@ -17,10 +17,9 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
-from tidal.kubeclient import discard, read_json
+from tidal import api
+from tidal.kubeclient import KubeApiError, call, discard, read_json
 from tidal.scheduler_extender.cache import ClusterCache
-from tidal.scheduler_extender.extender import ApiError
-from tidal.scheduler_extender.translate import RESERVATION, RESERVATION_ENDED
 
 log = logging.getLogger(__name__)
 COMPONENT = "tidal-scheduler-extender"
@@ -35,36 +34,28 @@ def _now() -> str:
 
 
 class KubeActions:
-    def __init__(self, api: client.ApiClient) -> None:
-        self.core = client.CoreV1Api(api)
-
-    def _call(self, what: str, action: Callable[[], Any]) -> Any:
-        try:
-            return action()
-        except ApiException as error:
-            body = error.body.decode() if isinstance(error.body, bytes) else str(error.body)
-            try:
-                message = orjson.loads(body).get("message", body)
-            except orjson.JSONDecodeError:
-                message = body or str(error.reason)
-            raise ApiError(int(error.status or 0), f"{what}: {message}") from None
+    def __init__(self, kube_api: client.ApiClient) -> None:
+        self.core = client.CoreV1Api(kube_api)
 
     def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            response = self.core.read_namespaced_pod(
-                name, namespace, _preload_content=False, _request_timeout=ACTION_TIMEOUT
+            response = call(
+                f"get pod {namespace}/{name}",
+                lambda: self.core.read_namespaced_pod(
+                    name, namespace, _preload_content=False, _request_timeout=ACTION_TIMEOUT
+                ),
             )
-        except ApiException as error:
+        except KubeApiError as error:
             if error.status == 404:
                 return None
-            raise ApiError(int(error.status or 0), f"get pod {namespace}/{name}") from None
+            raise
         pod: dict[str, Any] = read_json(response)
         return pod
 
     def _patch_condition(self, namespace: str, name: str, condition: dict[str, str]) -> None:
         # Strategic merge on conditions keys by type, so other conditions stay.
         body = {"status": {"conditions": [{**condition, "lastTransitionTime": _now()}]}}
-        self._call(
+        call(
             f"set condition {condition['type']} on pod {namespace}/{name}",
             lambda: discard(
                 self.core.patch_namespaced_pod_status(
@@ -74,17 +65,21 @@ class KubeActions:
         )
 
     def set_reservation(self, namespace: str, name: str, message: str) -> None:
-        condition = {"type": RESERVATION, "status": "True", "reason": "GPUsReserved"}
+        condition = {"type": api.CONDITION_RESERVATION, "status": "True", "reason": "GPUsReserved"}
         self._patch_condition(namespace, name, {**condition, "message": message})
 
     def end_reservation(self, namespace: str, name: str, reason: str) -> None:
         self._patch_condition(
-            namespace, name, {"type": RESERVATION, "status": "False", "reason": reason}
+            namespace,
+            name,
+            {"type": api.CONDITION_RESERVATION, "status": "False", "reason": reason},
         )
         if reason == "Bound":
             return  # a bound pod needs no retry
-        body = {"metadata": {"annotations": {RESERVATION_ENDED: f"{reason} {_now()}"}}}
-        self._call(
+        body = {
+            "metadata": {"annotations": {api.ANNOTATION_RESERVATION_ENDED: f"{reason} {_now()}"}}
+        }
+        call(
             f"annotate pod {namespace}/{name}",
             lambda: discard(
                 self.core.patch_namespaced_pod(
@@ -107,7 +102,7 @@ class KubeActions:
             },
             "target": {"apiVersion": "v1", "kind": "Node", "name": node},
         }
-        response = self._call(
+        response = call(
             f"bind pod {namespace}/{name} to {node}",
             lambda: self.core.create_namespaced_binding(
                 namespace, binding, _preload_content=False, _request_timeout=ACTION_TIMEOUT
@@ -125,7 +120,7 @@ class KubeActions:
         }
         body = {"status": {"conditions": [condition]}}
         # Strategic merge on conditions keys by type, so other conditions stay.
-        self._call(
+        call(
             f"mark pod {namespace}/{name} as disruption target",
             lambda: discard(
                 self.core.patch_namespaced_pod_status(
@@ -141,15 +136,15 @@ class KubeActions:
             "metadata": {"name": name, "namespace": namespace},
         }
         try:
-            self.core.create_namespaced_pod_eviction(
-                name, namespace, eviction, _request_timeout=ACTION_TIMEOUT
+            call(
+                f"evict {namespace}/{name}",
+                lambda: self.core.create_namespaced_pod_eviction(
+                    name, namespace, eviction, _request_timeout=ACTION_TIMEOUT
+                ),
             )
-        except ApiException as error:
-            if error.status == 404:
-                return  # already gone
-            raise ApiError(
-                int(error.status or 0), f"evict {namespace}/{name}: {error.reason}"
-            ) from None
+        except KubeApiError as error:
+            if error.status != 404:  # 404: already gone
+                raise
 
     def record_event(
         self, pod: dict[str, Any], reason: str, message: str, kind: str = "Normal"
@@ -176,11 +171,14 @@ class KubeActions:
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(
-                meta["namespace"], event, _request_timeout=ACTION_TIMEOUT
+            call(
+                f"record event for {meta['namespace']}/{meta['name']}",
+                lambda: self.core.create_namespaced_event(
+                    meta["namespace"], event, _request_timeout=ACTION_TIMEOUT
+                ),
             )
-        except ApiException as error:  # an event is best effort
-            log.warning("event for %s/%s not recorded: %s", meta["namespace"], meta["name"], error)
+        except KubeApiError as error:  # an event is best effort
+            log.warning("%s", error)
 
 
 class Reflector(threading.Thread):
@@ -282,13 +280,13 @@ SYNCED_KINDS = frozenset({"nodes", "pods", "pdbs", "gputopologies"})
 
 
 def start_reflectors(
-    api: client.ApiClient, cache: ClusterCache, stop: threading.Event
+    kube_api: client.ApiClient, cache: ClusterCache, stop: threading.Event
 ) -> list[Reflector]:
-    core = client.CoreV1Api(api)
-    policy = client.PolicyV1Api(api)
-    custom = client.CustomObjectsApi(api)
+    core = client.CoreV1Api(kube_api)
+    policy = client.PolicyV1Api(kube_api)
+    custom = client.CustomObjectsApi(kube_api)
     list_topologies = functools.partial(
-        custom.list_cluster_custom_object, "tidal.dev", "v1alpha1", "gputopologies"
+        custom.list_cluster_custom_object, api.GROUP, api.VERSION, api.PLURAL_GPUTOPOLOGIES
     )
     reflectors = [
         Reflector("nodes", core.list_node, cache, stop),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tidal import api
 from tidal import rbac as identity
 
 NAME = "tidal-extender"
@@ -30,7 +31,7 @@ def cluster_role() -> dict[str, Any]:
             {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
             {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
             {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": watch},
-            {"apiGroups": ["tidal.dev"], "resources": ["gputopologies"], "verbs": watch},
+            {"apiGroups": [api.GROUP], "resources": [api.PLURAL_GPUTOPOLOGIES], "verbs": watch},
         ],
     )
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-SCHEDULER_NAME = "tidal-scheduler"
-GPU_RESOURCE = "nvidia.com/gpu"
+from tidal.api import GPU_RESOURCE, SCHEDULER_NAME
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from tidal import api
 from tidal.placement import NodeInfo, PodInfo, PodRequest, Reservation, TopologyMode
 from tidal.topology import (
     NodeShape,
@@ -38,20 +39,6 @@ from tidal.topology import (
     preset_shape,
 )
 
-GPU_RESOURCE = "nvidia.com/gpu"
-PREFIX = "tidal.dev/"
-GPUS = PREFIX + "gpus"
-TOPOLOGY_MODE = PREFIX + "topology-mode"
-TOPOLOGY_TIER = PREFIX + "topology-tier"
-RESERVATION = PREFIX + "reservation"  # a pod condition type, not an annotation
-# Written when a reservation ends without a bind: kube-scheduler requeues an unschedulable pod on
-# a change to its metadata or spec, never on a status change, so the condition alone would leave
-# the pod waiting for the next periodic flush (5 min).
-RESERVATION_ENDED = PREFIX + "reservation-ended"
-# The tier the bound GPU set achieved (tightest domain holding it), for the operator's status.
-ACHIEVED_TIER = PREFIX + "topology-achieved"
-CHECKPOINT_INTERVAL = PREFIX + "checkpoint-interval-seconds"
-PRESET_LABEL = PREFIX + "topology-preset"
 # kube's system-node-critical / system-cluster-critical start here; never victims of tidal.
 SYSTEM_PRIORITY = 1_000_000_000
 
@@ -120,10 +107,10 @@ def pod_gpus(pod: dict[str, Any]) -> int:
     """Whole GPUs the pod asks for (containers summed; init containers run before, so max)."""
     owner = pod_key(pod)
     spec = _section(pod, "spec", owner)
-    main = _resources(spec.get("containers") or [], owner, "requests").get(GPU_RESOURCE, 0.0)
+    main = _resources(spec.get("containers") or [], owner, "requests").get(api.GPU_RESOURCE, 0.0)
     init = max(
         (
-            _resources([c], owner, "requests").get(GPU_RESOURCE, 0.0)
+            _resources([c], owner, "requests").get(api.GPU_RESOURCE, 0.0)
             for c in _list(spec.get("initContainers"), "spec.initContainers", owner)
         ),
         default=0.0,
@@ -171,7 +158,7 @@ def _priority(spec: dict[str, Any], owner: str) -> int:
 
 def checkpoint_interval(pod: dict[str, Any]) -> float | None:
     """Seconds between the pod's checkpoints (its annotation), None when it does not say."""
-    text = annotations_of(pod).get(CHECKPOINT_INTERVAL)
+    text = annotations_of(pod).get(api.ANNOTATION_CHECKPOINT_INTERVAL)
     if text is None or text == "":
         return None
     try:
@@ -182,7 +169,7 @@ def checkpoint_interval(pod: dict[str, Any]) -> float | None:
         raise ObjectError(
             "pod",
             pod_key(pod),
-            f"metadata.annotations[{CHECKPOINT_INTERVAL}]",
+            f"metadata.annotations[{api.ANNOTATION_CHECKPOINT_INTERVAL}]",
             f"expected a positive number of seconds, got {text!r}",
         )
     return value
@@ -197,28 +184,31 @@ def pod_request(pod: dict[str, Any]) -> PodRequest:
         raise ObjectError("pod", key, "metadata.uid", "missing")
     gpus = pod_gpus(pod)
     if gpus < 1:
-        raise ObjectError("pod", key, f"resources.{GPU_RESOURCE}", "the pod requests no GPUs")
+        raise ObjectError("pod", key, f"resources.{api.GPU_RESOURCE}", "the pod requests no GPUs")
     notes = annotations_of(pod)
-    mode_text = notes.get(TOPOLOGY_MODE, TopologyMode.BEST_EFFORT.value)
+    mode_text = notes.get(api.ANNOTATION_TOPOLOGY_MODE, TopologyMode.BEST_EFFORT.value)
     try:
         mode = TopologyMode(mode_text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError) as error:
         choices = ", ".join(m.value for m in TopologyMode)
         raise ObjectError(
             "pod",
             key,
-            f"metadata.annotations[{TOPOLOGY_MODE}]",
+            f"metadata.annotations[{api.ANNOTATION_TOPOLOGY_MODE}]",
             f"{mode_text!r} is not one of {choices}",
-        ) from None
+        ) from error
     try:
-        tier = Tier.parse(str(notes.get(TOPOLOGY_TIER, Tier.NVLINK.label)))
+        tier = Tier.parse(str(notes.get(api.ANNOTATION_TOPOLOGY_TIER, Tier.NVLINK.label)))
     except (TopologyError, ValueError) as error:
         raise ObjectError(
-            "pod", key, f"metadata.annotations[{TOPOLOGY_TIER}]", str(error)
-        ) from None
+            "pod", key, f"metadata.annotations[{api.ANNOTATION_TOPOLOGY_TIER}]", str(error)
+        ) from error
     if tier is Tier.RACK:
         raise ObjectError(
-            "pod", key, f"metadata.annotations[{TOPOLOGY_TIER}]", "'rack' applies to gangs only"
+            "pod",
+            key,
+            f"metadata.annotations[{api.ANNOTATION_TOPOLOGY_TIER}]",
+            "'rack' applies to gangs only",
         )
     cpu, memory = _cpu_memory(pod)
     return PodRequest(
@@ -235,20 +225,15 @@ def pod_request(pod: dict[str, Any]) -> PodRequest:
 
 def parse_gpu_list(text: str, owner: str, gpu_count: int) -> int:
     """The ``tidal.dev/gpus`` annotation ("0,1,2,3") as a mask on a node of ``gpu_count``."""
-    field = f"metadata.annotations[{GPUS}]"
     try:
-        indices = [int(part) for part in str(text).split(",") if part.strip()]
-    except ValueError:
-        raise ObjectError(
-            "pod", owner, field, f"expected GPU indices like '0,1', got {text!r}"
-        ) from None
-    if any(i < 0 or i >= gpu_count for i in indices) or len(set(indices)) != len(indices):
-        raise ObjectError("pod", owner, field, f"{text!r} is not a set of GPUs 0..{gpu_count - 1}")
-    return mask_of(indices)
+        return mask_of(api.parse_gpu_list(text, gpu_count))
+    except ValueError as error:
+        field = f"metadata.annotations[{api.ANNOTATION_GPUS}]"
+        raise ObjectError("pod", owner, field, str(error)) from error
 
 
 def format_gpu_list(mask: int) -> str:
-    return ",".join(str(i) for i in bits(mask))
+    return api.format_gpu_list(bits(mask))
 
 
 def _timestamp(text: object) -> float | None:
@@ -322,22 +307,22 @@ def node_info(node: dict[str, Any], published: NodeShape | None = None) -> NodeI
     meta = node.get("metadata") or {}
     name = meta.get("name", "?")
     labels = meta.get("labels") or {}
-    preset = labels.get(PRESET_LABEL)
+    preset = labels.get(api.LABEL_TOPOLOGY_PRESET)
     if published is not None:
         shape = published
     elif preset is None:
         raise ObjectError(
             "node",
             name,
-            f"metadata.labels[{PRESET_LABEL}]",
+            f"metadata.labels[{api.LABEL_TOPOLOGY_PRESET}]",
             "no GPU topology known for the node (no GPUTopology object, no preset label)",
         )
     else:
         try:
             shape = preset_shape(preset)
         except TopologyError as error:
-            field = f"metadata.labels[{PRESET_LABEL}]"
-            raise ObjectError("node", name, field, str(error)) from None
+            field = f"metadata.labels[{api.LABEL_TOPOLOGY_PRESET}]"
+            raise ObjectError("node", name, field, str(error)) from error
     allocatable = (node.get("status") or {}).get("allocatable") or {}
     cpu = quantity(allocatable.get("cpu", "0"), "status.allocatable.cpu", name)
     memory = quantity(allocatable.get("memory", "0"), "status.allocatable.memory", name)
@@ -355,7 +340,7 @@ def topology_shape(obj: dict[str, Any]) -> NodeShape:
     try:
         return _shape_of_spec(key)
     except TopologyError as error:
-        raise ObjectError("gputopology", name, "spec", str(error)) from None
+        raise ObjectError("gputopology", name, "spec", str(error)) from error
 
 
 @lru_cache(maxsize=256)
@@ -393,7 +378,7 @@ class ReservationRecord:
     @staticmethod
     def parse(text: object, owner: str) -> ReservationRecord:
         """Checks every field (types and ranges), so a record that parses is safe to apply."""
-        field = f"status.conditions[{RESERVATION}].message"
+        field = f"status.conditions[{api.CONDITION_RESERVATION}].message"
 
         def refuse(problem: str) -> ObjectError:
             return ObjectError("pod", owner, field, f"not a reservation record: {problem}")
@@ -401,7 +386,7 @@ class ReservationRecord:
         try:
             data = json.loads(text) if isinstance(text, str) else None
         except ValueError as error:
-            raise refuse(str(error)) from None
+            raise refuse(str(error)) from error
         if not isinstance(data, dict):
             raise refuse("expected a JSON object")
         node, gpus, victims = data.get("node"), data.get("gpus"), data.get("victims")
@@ -434,7 +419,7 @@ def reservation_message(pod: dict[str, Any]) -> str | None:
     for condition in conditions if isinstance(conditions, list) else []:
         if (
             isinstance(condition, dict)
-            and condition.get("type") == RESERVATION
+            and condition.get("type") == api.CONDITION_RESERVATION
             and condition.get("status") == "True"
         ):
             message = condition.get("message")

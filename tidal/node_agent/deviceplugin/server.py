@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from tidal.api import GPU_RESOURCE
 from tidal.node_agent.allocation import (
     AllocationError,
     Assignment,
@@ -27,9 +28,9 @@ from tidal.node_agent.allocation import (
     match_allocation,
     preferred_allocation,
 )
-from tidal.node_agent.backend import GpuSample
 from tidal.node_agent.deviceplugin.v1beta1 import api_pb2 as api
 from tidal.node_agent.deviceplugin.v1beta1 import api_pb2_grpc as rpc
+from tidal.node_agent.facts import GpuSample
 from tidal.node_agent.metrics import AgentMetrics
 from tidal.node_agent.publish import Discovery
 
@@ -50,7 +51,7 @@ class PodSource(Protocol):
 @dataclass(frozen=True)
 class PluginOptions:
     directory: Path = DEFAULT_DIR
-    resource: str = "nvidia.com/gpu"
+    resource: str = GPU_RESOURCE
     endpoint: str = "tidal-gpu.sock"
     watch_interval_s: float = 1.0
 
@@ -255,7 +256,7 @@ class DevicePluginServer:
                 raise RegistrationError(
                     f"the kubelet at {self.kubelet_socket} refused or did not answer the "
                     f"registration of {self.options.resource}: {error.details()}"
-                ) from None
+                ) from error
         self.registrations += 1
         log.info("registered %s with the kubelet", self.options.resource)
 

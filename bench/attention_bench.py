@@ -54,7 +54,7 @@ class Shape:
 
 
 def grids(quick: bool, smoke: bool) -> list[Shape]:
-    """KERNELS.md's grids: the paper's D=64; D=128 to 32k; a 70B tensor-parallel prefill shard."""
+    """The benchmark grids: the paper's D=64; D=128 to 32k; a 70B tensor-parallel prefill shard."""
     if smoke:
         return [Shape("smoke", 1, 2, 2, 128, 64, False), Shape("smoke", 1, 4, 1, 128, 128, True)]
     seqs = [1024, 4096, 16384] if quick else [1024, 2048, 4096, 8192, 16384]

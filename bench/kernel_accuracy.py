@@ -1,4 +1,5 @@
-"""Accuracy of every attention mode against float64 attention, one table (KERNELS.md inputs).
+"""Accuracy of every attention mode against float64 attention, one table (the
+inputs of tidal.inference_worker.kernels.reference).
 
     TRITON_INTERPRET=1 python bench/kernel_accuracy.py                 # CPU, ~2 min on 2 cores
     TRITON_INTERPRET=1 python bench/kernel_accuracy.py --emulate-fp8   # + fp8, interpreted

@@ -1,4 +1,5 @@
-"""The preemption cost key of SCHEDULING.md §4, compared lexicographically (smaller wins).
+"""The preemption cost key, compared lexicographically (smaller wins); docs/architecture.md
+explains each component.
 
 Components are kept in one canonical tuple; a :class:`CostOrder` permutes it into the order an
 operator configured. Link quality and fragmentation are stored negated so that smaller is better

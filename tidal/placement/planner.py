@@ -1,4 +1,4 @@
-"""Topology-first minimum-cost preemption (SCHEDULING.md §4).
+"""Topology-first minimum-cost preemption (docs/architecture.md, the scheduling model).
 
 With whole, exclusive GPUs, choosing the target GPU set S fixes the victims: every pod holding
 a GPU in S. So minimising the cost key over the aligned target sets S of every node is exact, and

@@ -12,7 +12,7 @@ from pathlib import Path
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 # The openb trace has no GPU topology: each node gets a preset by GPU model and count.
-# (SCHEDULING.md, "Cluster model"; one table, here.)
+# (The cluster model for traces without topology: one table, here.)
 OPENB_PRESETS: dict[tuple[str, int], str] = {
     ("V100M16", 8): "dgx1-v100",
     ("V100M32", 8): "dgx1-v100",

@@ -138,7 +138,8 @@ def render(
         + f" on {platform.machine()} with {os.cpu_count()} cores, Python "
         + f"{platform.python_version()}. Do not edit by hand: rerun the command.",
         "",
-        "Policies (SCHEDULING.md §4): **tidal** (ours: fragmentation-aware placement, exact "
+        "Policies (docs/architecture.md, the scheduling model): **tidal** (ours: "
+        "fragmentation-aware placement, exact "
         "topology-first planner), **b0-default** (Kubernetes default preemption, count-based, "
         "GPU ids first-free), **b1-anchor** (Koordinator-like: topology-aware feasibility in the "
         "reprieve loop), **b2-subsets** (the seed paper's victim-subset enumeration, capped at "

@@ -1,4 +1,5 @@
-"""Metrics of SCHEDULING.md §6, accumulated per policy during a replay.
+"""The simulator's metrics M1-M12 (listed in docs/architecture.md), accumulated per policy
+during a replay.
 
 The summary keys are prefixed with the metric they belong to (``M1_...``), so the terminal
 table, the JSON file and the report read the same names. M12 (optimality against brute force)

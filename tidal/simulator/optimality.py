@@ -1,7 +1,7 @@
 """M12: how far each policy's preemption plan is from the optimum, on small random instances
 where brute force over every victim subset and every GPU set is affordable.
 
-The optimum is the smallest cost key of SCHEDULING.md §4 (PDB violations, highest victim
+The optimum is the smallest cost key of :mod:`tidal.placement.cost` (PDB violations, highest victim
 priority, topology shortfall, lost work, victims, ...); each policy's plan is costed on the same
 scale with :func:`tidal.placement.plan_cost`.
 """

@@ -1,5 +1,5 @@
 """The float64 reference every kernel is measured against, the error metrics, and the input
-distributions of KERNELS.md."""
+distributions the accuracy targets are stated for (docs/architecture.md, "Kernels")."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from tidal.cli import app
 from tidal.node_agent.allocation import (
     AllocationError,
-    Assignment,
+    PendingAssignment,
     container_env,
     match_allocation,
     preferred_allocation,
@@ -175,8 +175,10 @@ def test_label_values_are_valid() -> None:
 DGX1 = Discovery.of("n", fake_facts("dgx1-v100", "n"))
 
 
-def pod(name: str, gpus: tuple[int, ...], created: str = "2026-01-01T00:00:00Z") -> Assignment:
-    return Assignment("ml", name, f"uid-{name}", gpus, created)
+def pod(
+    name: str, gpus: tuple[int, ...], created: str = "2026-01-01T00:00:00Z"
+) -> PendingAssignment:
+    return PendingAssignment("ml", name, f"uid-{name}", gpus, created)
 
 
 def test_preferred_allocation_is_the_annotated_set_of_the_oldest_waiting_pod() -> None:
@@ -242,10 +244,10 @@ def test_container_env_fits_the_set() -> None:
 
 
 class Pods:
-    def __init__(self, waiting: list[Assignment]) -> None:
+    def __init__(self, waiting: list[PendingAssignment]) -> None:
         self.items = waiting
 
-    def waiting(self) -> list[Assignment]:
+    def waiting(self) -> list[PendingAssignment]:
         return list(self.items)
 
 

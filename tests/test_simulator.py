@@ -22,7 +22,7 @@ from tidal.simulator.optimality import optimality_gap
 from tidal.simulator.plots import write_overview
 from tidal.simulator.run import prepare
 from tidal.simulator.scenario import bundled_scenarios, load_scenario, scenario_from_mapping
-from tidal.simulator.workload import BatchJob, Workload
+from tidal.simulator.workload import BatchJob, TraceWorkload
 from tidal.topology import Tier
 
 POD_HEADER = (
@@ -184,7 +184,7 @@ def test_a_big_pending_job_does_not_block_small_ones(data_dir: Path) -> None:
         BatchJob("big", 1.0, 8, 1000, 1000, 600.0),
         BatchJob("small", 2.0, 1, 1000, 1000, 600.0),
     )
-    workload = Workload(jobs, tuple([0.0] * 24), 8)
+    workload = TraceWorkload(jobs, tuple([0.0] * 24), 8)
     replay = Replay(scenario, prepare(scenario).nodes, workload, make_policy("tidal"))
     replay.run()
     assert replay.metrics.completion_s[0] == pytest.approx(
@@ -259,7 +259,7 @@ def test_jobs_that_never_fit_do_not_block_others_of_the_same_gpu_count(data_dir:
     greedy = tuple(BatchJob(f"greedy-{i}", float(i), 8, 10**9, 1000, 600.0) for i in range(5))
     jobs = (*greedy, BatchJob("fits", 10.0, 8, 1000, 1000, 600.0))
     replay = Replay(
-        scenario, prepare(scenario).nodes, Workload(jobs, (0.0,) * 24, 8), make_policy("tidal")
+        scenario, prepare(scenario).nodes, TraceWorkload(jobs, (0.0,) * 24, 8), make_policy("tidal")
     )
     replay.run()
     assert replay.metrics.jobs_completed == 1

@@ -25,7 +25,7 @@ class AllocationError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Assignment:
+class PendingAssignment:
     """A pod bound to this node, not yet started, with the GPUs the scheduler chose for it."""
 
     namespace: str
@@ -50,7 +50,9 @@ def parse_gpu_annotation(text: str) -> tuple[int, ...]:
     return gpus
 
 
-def _waiting(assignments: Iterable[Assignment], size: int, done: set[str]) -> list[Assignment]:
+def _waiting(
+    assignments: Iterable[PendingAssignment], size: int, done: set[str]
+) -> list[PendingAssignment]:
     """Pods waiting for a ``size``-GPU allocation, oldest first."""
     return sorted(
         (a for a in assignments if len(a.gpus) == size and a.uid not in done),
@@ -63,7 +65,7 @@ def preferred_allocation(
     available: set[int],
     must_include: set[int],
     size: int,
-    assignments: Sequence[Assignment],
+    assignments: Sequence[PendingAssignment],
     done: set[str],
 ) -> list[int]:
     """The GPUs to ask the kubelet for: the oldest waiting pod's annotated set when it is free,
@@ -81,8 +83,8 @@ def preferred_allocation(
 
 
 def match_allocation(
-    requested: Sequence[int], assignments: Sequence[Assignment], done: set[str]
-) -> Assignment | None:
+    requested: Sequence[int], assignments: Sequence[PendingAssignment], done: set[str]
+) -> PendingAssignment | None:
     """The waiting pod the kubelet's ``requested`` GPUs were promised to. None when no pod
     placed by tidal waits for this many GPUs here (a pod scheduled without tidal gets what the
     kubelet picked). Raises :class:`AllocationError` on a mismatch."""

@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import yaml
 
 from tidal.api import GPU_RESOURCE
+
+if TYPE_CHECKING:  # the CLI imports its heavy modules only when a command runs
+    from tidal.node_agent.facts import GpuBackend
+    from tidal.node_agent.publish import Discovery
 
 app = typer.Typer(
     help="The node agent: GPU discovery, GPUTopology publishing, the device plugin, and a "
@@ -48,7 +52,7 @@ def _logging(level: str) -> None:
     )
 
 
-def _discovery(node: str, fake: str | None, fixture: Path | None):  # type: ignore[no-untyped-def]
+def _discovery(node: str, fake: str | None, fixture: Path | None) -> tuple[GpuBackend, Discovery]:
     from tidal.node_agent.backend import open_backend  # noqa: PLC0415
     from tidal.node_agent.facts import DiscoveryError  # noqa: PLC0415
     from tidal.node_agent.publish import Discovery  # noqa: PLC0415

@@ -9,7 +9,7 @@ from kubernetes import client
 
 from tidal import api
 from tidal.kubeclient import read_json
-from tidal.node_agent.allocation import Assignment, parse_gpu_annotation
+from tidal.node_agent.allocation import PendingAssignment, parse_gpu_annotation
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ class KubePods:
         self.core = client.CoreV1Api(kube_api)
         self.node = node
 
-    def waiting(self) -> list[Assignment]:
+    def waiting(self) -> list[PendingAssignment]:
         response = self.core.list_pod_for_all_namespaces(
             field_selector=f"spec.nodeName={self.node},status.phase=Pending",
             _preload_content=False,
@@ -31,7 +31,7 @@ class KubePods:
         return assignments(read_json(response).get("items") or [])
 
 
-def assignments(pods: list[dict[str, Any]]) -> list[Assignment]:
+def assignments(pods: list[dict[str, Any]]) -> list[PendingAssignment]:
     """The pods tidal placed that the kubelet has not admitted yet. An admitted pod (the kubelet
     has written container statuses) already got its devices; skipping it by its status rather
     than by memory keeps a restarted agent from counting it as still waiting."""
@@ -47,5 +47,5 @@ def assignments(pods: list[dict[str, Any]]) -> list[Assignment]:
             log.warning("pod %s/%s: %s", meta["namespace"], meta["name"], error)
             continue
         created = meta.get("creationTimestamp", "")
-        out.append(Assignment(meta["namespace"], meta["name"], meta["uid"], gpus, created))
+        out.append(PendingAssignment(meta["namespace"], meta["name"], meta["uid"], gpus, created))
     return out

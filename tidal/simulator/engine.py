@@ -28,8 +28,8 @@ from tidal.placement import (
     TopologyMode,
 )
 from tidal.simulator.metrics import Metrics, Preemption
-from tidal.simulator.scenario import Scenario, ServiceSpec
-from tidal.simulator.workload import BatchJob, Workload
+from tidal.simulator.scenario import Scenario, ScenarioService
+from tidal.simulator.workload import BatchJob, TraceWorkload
 from tidal.topology import Tier
 
 ONLINE_PRIORITY = 1000
@@ -50,7 +50,7 @@ class _Job:
 @dataclass
 class _Replica:
     uid: str
-    service: ServiceSpec
+    service: ScenarioService
     created: float
     tier: Tier | None = None  # achieved tier once bound
     node: str | None = None
@@ -105,7 +105,7 @@ class Replay:
         self,
         scenario: Scenario,
         nodes: list[NodeInfo],
-        workload: Workload,
+        workload: TraceWorkload,
         policy: Policy,
         on_progress: Callable[[float], None] | None = None,
     ) -> None:

@@ -23,7 +23,7 @@ from tidal.simulator.data import (
 )
 from tidal.simulator.engine import Replay
 from tidal.simulator.scenario import Scenario
-from tidal.simulator.workload import Workload, build_workload
+from tidal.simulator.workload import TraceWorkload, build_workload
 from tidal.topology import preset_shape
 
 OPENB = "openb-2023"
@@ -33,7 +33,7 @@ QPS = "genai-qps-2026/qps.csv"
 @dataclass(frozen=True)
 class Inputs:
     nodes: list[NodeInfo]
-    workload: Workload
+    workload: TraceWorkload
 
 
 def data_dir(scenario: Scenario) -> Path:

@@ -18,7 +18,7 @@ class ScenarioError(ValueError):
 
 
 @dataclass(frozen=True)
-class ServiceSpec:
+class ScenarioService:
     """One online LLM service: replicas of ``tensor_parallel`` GPUs each."""
 
     name: str
@@ -32,10 +32,10 @@ class ServiceSpec:
 # (L40S-like, 4 GPUs per NUMA node) with a few DGX-1s: TP4 asks for one NUMA node (guaranteed),
 # which PCIe and NVLink nodes can both give; TP2 prefers NVLink but takes a PCIe switch.
 DEFAULT_SERVICES = (
-    ServiceSpec("chat-8b", 1, 0.25, TopologyMode.NONE, Tier.NODE),
-    ServiceSpec("code-34b", 2, 0.3, TopologyMode.BEST_EFFORT, Tier.NVLINK),
-    ServiceSpec("chat-70b", 4, 0.35, TopologyMode.GUARANTEED, Tier.NUMA),
-    ServiceSpec("reason-70b", 4, 0.1, TopologyMode.BEST_EFFORT, Tier.NVLINK),
+    ScenarioService("chat-8b", 1, 0.25, TopologyMode.NONE, Tier.NODE),
+    ScenarioService("code-34b", 2, 0.3, TopologyMode.BEST_EFFORT, Tier.NVLINK),
+    ScenarioService("chat-70b", 4, 0.35, TopologyMode.GUARANTEED, Tier.NUMA),
+    ScenarioService("reason-70b", 4, 0.1, TopologyMode.BEST_EFFORT, Tier.NVLINK),
 )
 
 # Served throughput of a tensor-parallel replica by the tier its GPUs are aligned at, relative
@@ -65,7 +65,7 @@ class Scenario:
     checkpoint_interval_s: float = 1800.0
     grace_period_s: float = 30.0  # victims' termination grace; the preemptor binds after it
     preemption_window_s: float = 600.0  # M2: a preemptor bound within this counts as a success
-    services: tuple[ServiceSpec, ...] = DEFAULT_SERVICES
+    services: tuple[ScenarioService, ...] = DEFAULT_SERVICES
     tier_throughput: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TIER_THROUGHPUT))
     policies: tuple[str, ...] = POLICY_NAMES
     baseline_scoring: str = "most-allocated"  # the baselines' node scoring (NodeResourcesFit)
@@ -129,12 +129,12 @@ def scenario_from_mapping(spec: dict[str, Any], source: str = "scenario") -> Sce
     return scenario
 
 
-def _service(spec: Any, index: int) -> ServiceSpec:
+def _service(spec: Any, index: int) -> ScenarioService:
     where = f"field 'services[{index}]'"
     if not isinstance(spec, dict):
         raise ValueError(f"{where}: expected a mapping")
     try:
-        return ServiceSpec(
+        return ScenarioService(
             name=str(spec["name"]),
             tensor_parallel=int(spec["tensor_parallel"]),
             share=float(spec["share"]),

@@ -22,7 +22,7 @@ class BatchJob:
 
 
 @dataclass(frozen=True, slots=True)
-class Workload:
+class TraceWorkload:
     jobs: tuple[BatchJob, ...]
     hourly_shape: tuple[float, ...]  # online demand per hour of day, peak 1.0
     total_gpus: int
@@ -49,7 +49,7 @@ def build_workload(
     hourly_shape: list[float],
     total_gpus: int,
     max_node_gpus: int,
-) -> Workload:
+) -> TraceWorkload:
     """Batch jobs whose mean GPU demand is ``batch_load`` of the cluster: an initial backlog at
     t=0 that fills it, then Poisson arrivals at the rate that keeps it there."""
     rng = random.Random(scenario.seed)
@@ -70,7 +70,7 @@ def build_workload(
         if t >= horizon:
             break
         jobs.append(_job(rng, usable, cap, len(jobs), t))
-    return Workload(tuple(jobs), tuple(hourly_shape), total_gpus)
+    return TraceWorkload(tuple(jobs), tuple(hourly_shape), total_gpus)
 
 
 def _job(rng: random.Random, pods: list[TracePod], cap: float, index: int, t: float) -> BatchJob:

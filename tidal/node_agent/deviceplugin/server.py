@@ -22,7 +22,7 @@ import grpc
 from tidal.api import GPU_RESOURCE
 from tidal.node_agent.allocation import (
     AllocationError,
-    Assignment,
+    PendingAssignment,
     container_env,
     device_paths,
     match_allocation,
@@ -45,7 +45,7 @@ HEALTHY, UNHEALTHY = "Healthy", "Unhealthy"
 class PodSource(Protocol):
     """Pods bound to this node that wait to start, with their ``tidal.dev/gpus``."""
 
-    def waiting(self) -> list[Assignment]: ...
+    def waiting(self) -> list[PendingAssignment]: ...
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ class GpuDevicePlugin(rpc.DevicePluginServicer):
         return api.PreStartContainerResponse()
 
     # -- helpers -----------------------------------------------------------------------------
-    def _waiting(self, context: Any) -> list[Assignment]:
+    def _waiting(self, context: Any) -> list[PendingAssignment]:
         try:
             return self.pods.waiting()
         except Exception as error:  # the API server is down: refuse rather than guess
@@ -287,14 +287,3 @@ def _inode(path: Path) -> int | None:
         return os.stat(path).st_ino
     except FileNotFoundError:
         return None
-
-
-def run_with_health(
-    plugin: GpuDevicePlugin,
-    sample: Callable[[], list[GpuSample]],
-    stop: threading.Event,
-    interval_s: float,
-) -> None:
-    """Feed health samples to the plugin until ``stop`` is set."""
-    while not stop.wait(interval_s):
-        plugin.update_health(sample())

@@ -1,5 +1,5 @@
-"""Small helpers for e2e tests: polling with a readable failure, binaries or skip, a namespace
-per test."""
+"""Small helpers for e2e tests: polling with a readable failure, binaries or skip, a running
+cluster per module, a namespace per test."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tidal.devcluster import Binaries, DevClusterError, find_binaries
+from tidal.devcluster import Binaries, ClusterOptions, DevClusterError, LocalCluster, find_binaries
 
 T = TypeVar("T")
 
@@ -49,3 +49,26 @@ def fresh_namespace(core: Any, prefix: str, drain_timeout_s: float = 60.0) -> It
     core.delete_namespace(name)
     wait_for(lambda: not core.list_namespaced_pod(name).items, f"namespace {name} to drain",
              drain_timeout_s)  # fmt: skip
+
+
+def running_cluster(
+    workdir: Any,
+    nodes: list[tuple[str, str]],
+    priority_classes: dict[str, int] | None = None,
+    **options: Any,
+) -> Iterator[LocalCluster]:
+    """A started local cluster with ``nodes`` (name, preset) ready and ``priority_classes``
+    created, stopped afterwards (use with ``yield from`` in a module-scoped fixture)."""
+    from kubernetes import client  # noqa: PLC0415
+
+    local = LocalCluster(ClusterOptions(workdir=workdir, **options), binaries_or_skip())
+    try:
+        local.start()
+        local.wait_nodes_ready(local.add_gpu_nodes(nodes))
+        scheduling = client.SchedulingV1Api(local.api_client())
+        for name, value in (priority_classes or {}).items():
+            body = {"metadata": {"name": name}, "value": value}
+            scheduling.create_priority_class({**body, "preemptionPolicy": "PreemptLowerPriority"})
+        yield local
+    finally:
+        local.stop()

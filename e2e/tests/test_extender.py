@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from e2e.helpers import binaries_or_skip, fresh_namespace, wait_for
-from tidal.devcluster import ClusterOptions, LocalCluster
+from e2e.helpers import fresh_namespace, running_cluster, wait_for
+from tidal.devcluster import LocalCluster
 from tidal.devcluster.nodes import gpu_pod, node_names
 
 NODES = node_names(3, ["dgx1-v100"], prefix="cube")
@@ -25,30 +25,13 @@ BATCH, ONLINE = "tidal-e2e-batch", "tidal-e2e-online"
 
 @pytest.fixture(scope="module")
 def tidal_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    binaries = binaries_or_skip()
-    local = LocalCluster(
-        ClusterOptions(
-            workdir=tmp_path_factory.mktemp("tidal-cluster"),
-            controller_manager=True,
-            run_extender=True,
-        ),
-        binaries,
+    yield from running_cluster(
+        tmp_path_factory.mktemp("tidal-cluster"),
+        NODES,
+        {BATCH: 10, ONLINE: 1000},
+        controller_manager=True,
+        run_extender=True,
     )
-    try:
-        local.start()
-        local.wait_nodes_ready(local.add_gpu_nodes(NODES))
-        scheduling = client.SchedulingV1Api(local.api_client())
-        for name, value in ((BATCH, 10), (ONLINE, 1000)):
-            scheduling.create_priority_class(
-                {
-                    "metadata": {"name": name},
-                    "value": value,
-                    "preemptionPolicy": "PreemptLowerPriority",
-                }
-            )
-        yield local
-    finally:
-        local.stop()
 
 
 @pytest.fixture

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kubernetes import client
 
-from e2e.helpers import binaries_or_skip, fresh_namespace, wait_for
+from e2e.helpers import fresh_namespace, running_cluster, wait_for
 from e2e.tests.test_extender import (
     BATCH,
+    ONLINE,
     QUADS,
     assert_disjoint,
     bound,
@@ -31,7 +31,7 @@ from e2e.tests.test_extender import (
     online,
     running_batch,
 )
-from tidal.devcluster import ClusterOptions, LocalCluster
+from tidal.devcluster import LocalCluster
 from tidal.devcluster.nodes import gpu_pod, node_names
 
 NODES = node_names(3, ["dgx1-v100"], prefix="hostile")
@@ -39,23 +39,13 @@ NODES = node_names(3, ["dgx1-v100"], prefix="hostile")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    local = LocalCluster(
-        ClusterOptions(
-            workdir=tmp_path_factory.mktemp("hostile-cluster"),
-            controller_manager=True,
-            run_extender=True,
-        ),
-        binaries_or_skip(),
+    yield from running_cluster(
+        tmp_path_factory.mktemp("hostile-cluster"),
+        NODES,
+        {BATCH: 10, ONLINE: 1000},
+        controller_manager=True,
+        run_extender=True,
     )
-    try:
-        local.start()
-        local.wait_nodes_ready(local.add_gpu_nodes(NODES))
-        scheduling = client.SchedulingV1Api(local.api_client())
-        for name, value in ((BATCH, 10), ("tidal-e2e-online", 1000)):
-            scheduling.create_priority_class({"metadata": {"name": name}, "value": value})
-        yield local
-    finally:
-        local.stop()
 
 
 @pytest.fixture

@@ -15,7 +15,14 @@ from tidal.kubeclient import KubeApiError
 from tidal.operator.crds import (
     custom_resource_definitions,
 )
-from tidal.operator.planner import plan_job, plan_service, scale_down_order, scheduled_replicas
+from tidal.operator.desired import (
+    Event,
+    plan_job,
+    plan_service,
+    scale_down_order,
+    schedule_step,
+    scheduled_replicas,
+)
 from tidal.operator.reconciler import Reconciler
 from tidal.operator.spec import (
     ObservedPod,
@@ -267,15 +274,18 @@ class MemoryKube:
         self.uids = itertools.count()
         self.fail_creates_after: int | None = None
         self.deleted: list[tuple[str, int | None]] = []
+        self.writes: list[tuple[str, Any]] = []  # every write, in order
 
     def get_object(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         obj = self.objects.get((kind, name))
         return copy.deepcopy(obj) if obj else None
 
     def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.writes.append(("patch_status", name))
         self.objects[(kind, name)].setdefault("status", {}).update(copy.deepcopy(status))
 
     def set_replicas(self, namespace: str, name: str, replicas: int) -> None:
+        self.writes.append(("set_replicas", replicas))
         self.objects[("LLMService", name)]["spec"]["replicas"] = replicas
 
     def owned_pods(self, label: str, namespace: str, name: str) -> list[dict[str, Any]]:
@@ -296,6 +306,7 @@ class MemoryKube:
                 raise RuntimeError("operator killed")
             self.fail_creates_after -= 1
         name = pod["metadata"]["name"]
+        self.writes.append(("create_pod", name))
         if name in self.pods:
             return False
         pod = copy.deepcopy(pod)
@@ -305,6 +316,7 @@ class MemoryKube:
         return True
 
     def delete_pod(self, namespace: str, name: str, grace_s: int | None = None) -> None:
+        self.writes.append(("delete_pod", name))
         self.pods.pop(name, None)
         self.deleted.append((name, grace_s))
 
@@ -355,6 +367,35 @@ def test_the_schedule_scales_at_its_times_and_kubectl_scale_holds_until_the_next
     reconciler.reconcile("LLMService", "ns", "chat")
     assert len(kube.pods) == 2
     assert kube.objects[("LLMService", "chat")]["status"]["scheduleSlot"] == "2026-11-23T20:00"
+
+
+def test_a_due_schedule_entry_is_planned_with_the_pods_and_applied_only_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    autoscaling = {"maxReplicas": 6, "schedule": [{"at": "08:00", "replicas": 5}]}
+    kube = MemoryKube(service_obj(1, autoscaling=autoscaling))
+    clock = FakeClock("2026-11-23T09:00:00")
+    writes_before_planning: list[list[tuple[str, Any]]] = []
+
+    def planning(*args: Any, **kwargs: Any) -> Any:
+        writes_before_planning.append(list(kube.writes))
+        return plan_service(*args, **kwargs)
+
+    monkeypatch.setattr("tidal.operator.reconciler.plan_service", planning)
+    desired = Reconciler(kube, clock).reconcile("LLMService", "ns", "chat")
+    assert writes_before_planning == [[]]  # read, then plan: nothing applied before
+    assert desired is not None and desired.replicas == 5
+    assert desired.events[0] == Event(
+        "Normal", "Scheduled", "schedule 2026-11-23T08:00: 5 replicas"
+    )
+    assert desired.status["scheduleSlot"] == "2026-11-23T08:00"
+    assert [p["metadata"]["name"] for p in desired.create] == [f"chat-{i}" for i in range(5)]
+    # Applied in order: the scale, the pods, the status.
+    assert kube.writes[0] == ("set_replicas", 5)
+    assert [w for w, _ in kube.writes[1:]] == ["create_pod"] * 5 + ["patch_status"]
+    # The slot is applied once: the next plan leaves the spec alone.
+    service = parse_service(kube.objects[("LLMService", "chat")])
+    assert schedule_step(service, clock(), desired.status) is None
 
 
 def test_observe_pod_reads_conditions_annotations_and_deletion() -> None:

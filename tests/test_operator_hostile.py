@@ -15,8 +15,7 @@ from tidal.operator.crds import (
     custom_resource_definitions,
     parse_priority_classes,
 )
-from tidal.operator.handlers import CLEANUP_TIMEOUT_S, _reconcile, cleanup_verdict
-from tidal.operator.planner import (
+from tidal.operator.desired import (
     UNSCHEDULABLE_GRACE_S,
     Event,
     describe_pods,
@@ -24,6 +23,7 @@ from tidal.operator.planner import (
     plan_job,
     plan_service,
 )
+from tidal.operator.handlers import CLEANUP_TIMEOUT_S, _reconcile, cleanup_verdict
 from tidal.operator.reconciler import ReconcileError, Reconciler
 from tidal.operator.spec import (
     SpecError,

@@ -516,8 +516,8 @@ class LocalCluster:
     def _prepare_operator(self, path: Path) -> None:
         """As an administrator would (``tidal operator install-crds``): the CRDs,
         PriorityClasses and the operator's ClusterRole first; the operator runs without them."""
-        from tidal.operator.crds import OPERATOR, operator_identity  # noqa: PLC0415
         from tidal.operator.kube import install  # noqa: PLC0415
+        from tidal.operator.manifests import OPERATOR, operator_identity  # noqa: PLC0415
 
         install(self.api_client())
         self._run_as_service_account(OPERATOR, operator_identity(SYSTEM_NS), path)

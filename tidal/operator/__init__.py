@@ -1,4 +1,5 @@
-"""The kopf operator for LLMService and LLMBatchJob: it parses each object (``spec``), plans
-the pods it should have (``planner``, pure; manifests in ``pods``), applies the plan
-(``reconciler``, one level-based reconcile per event) and reports status, conditions and
-Events. ``crds`` holds the CustomResourceDefinitions the API server validates with."""
+"""The kopf operator for LLMService and LLMBatchJob: it parses each object (``spec``), works out
+its desired state (``desired``, pure: the pods it should have, manifests in ``pods``), applies
+it (``reconciler``, one level-based reconcile per event) and reports status, conditions and
+Events. ``crds`` holds the CustomResourceDefinitions the API server validates with;
+``manifests`` adds what else the operator needs installed (PriorityClasses, RBAC)."""

@@ -105,11 +105,8 @@ def manifests_command(
 ) -> None:
     """Print the CRDs, PriorityClasses, the operator's ClusterRole, ServiceAccount and binding
     as YAML (for kubectl apply or a chart)."""
-    from tidal.operator.crds import (  # noqa: PLC0415
-        manifests,
-        operator_identity,
-        parse_priority_classes,
-    )
+    from tidal.operator.crds import parse_priority_classes  # noqa: PLC0415
+    from tidal.operator.manifests import manifests, operator_identity  # noqa: PLC0415
 
     extra = parse_priority_classes(allowed_priority_classes)
     objects = [*manifests(extra), *operator_identity(namespace)]

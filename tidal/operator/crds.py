@@ -3,8 +3,8 @@
 Shared pieces (model, topology, resources) are written once and reused by ``LLMService`` and
 ``LLMBatchJob``. What an OpenAPI schema cannot say is written as CEL rules, each with a message
 that names the field, so a bad object is rejected by the API server before the operator sees it.
-``tidal operator manifests`` prints these; the e2e fixture and ``tidal operator install-crds``
-apply them.
+``tidal operator manifests`` prints these (with the rest of what the operator needs installed:
+``manifests``); the e2e fixture and ``tidal operator install-crds`` apply them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any
 
 from tidal import api
 from tidal.placement import TopologyMode
-from tidal.rbac import app_labels, cluster_role, cluster_role_binding, service_account
 from tidal.topology import Tier
 
 CATEGORY = "tidal"
@@ -53,7 +52,6 @@ QUALIFIED_KEY_PATTERN = (
 LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 # A Kubernetes resource quantity (4, 500m, 1.5, 32Gi, 1e3), positive.
 QUANTITY_PATTERN = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
-OPERATOR = "tidal-operator"  # its ServiceAccount, ClusterRole and binding
 DEFAULT_IMAGE = "ghcr.io/tidal-llm/tidal-worker:0.1.0"
 # A scheme, then no whitespace or control character anywhere (the URI is passed to the worker
 # verbatim). file:// must be an absolute path outside the system directories of the worker's
@@ -579,15 +577,21 @@ def custom_resource_definitions(
 ) -> list[dict[str, Any]]:
     """The three CRDs, ready to apply; ``extra_priority_classes`` are the PriorityClasses
     the operator is configured to allow beyond tidal's own (``allowed_priority_classes``)."""
-    service_classes = allowed_priority_classes(api.KIND_LLMSERVICE, extra_priority_classes)
-    job_classes = allowed_priority_classes(api.KIND_LLMBATCHJOB, extra_priority_classes)
-    service = _crd(
+    return [
+        _service_crd(allowed_priority_classes(api.KIND_LLMSERVICE, extra_priority_classes)),
+        _job_crd(allowed_priority_classes(api.KIND_LLMBATCHJOB, extra_priority_classes)),
+        _topology_crd(),
+    ]
+
+
+def _service_crd(priority_classes: tuple[str, ...]) -> dict[str, Any]:
+    return _crd(
         api.KIND_LLMSERVICE,
         api.PLURAL_LLMSERVICES,
         "llmsvc",
         "Namespaced",
         _root(
-            service_spec(service_classes),
+            service_spec(priority_classes),
             SERVICE_STATUS,
             "A long-running online LLM service.",
             **_NAME_RULE,
@@ -609,13 +613,16 @@ def custom_resource_definitions(
             },
         },
     )
-    job = _crd(
+
+
+def _job_crd(priority_classes: tuple[str, ...]) -> dict[str, Any]:
+    return _crd(
         api.KIND_LLMBATCHJOB,
         api.PLURAL_LLMBATCHJOBS,
         "llmjob",
         "Namespaced",
         _root(
-            job_spec(job_classes),
+            job_spec(priority_classes),
             JOB_STATUS,
             "Offline LLM work that may be preempted and resumes.",
             **_NAME_RULE,
@@ -631,7 +638,10 @@ def custom_resource_definitions(
         ],
         {"status": {}},
     )
-    topology = _crd(
+
+
+def _topology_crd() -> dict[str, Any]:
+    return _crd(
         api.KIND_GPUTOPOLOGY,
         api.PLURAL_GPUTOPOLOGIES,
         "gputopo",
@@ -649,136 +659,3 @@ def custom_resource_definitions(
         ],
         {"status": {}},
     )
-    return [service, job, topology]
-
-
-def priority_classes() -> list[dict[str, Any]]:
-    """Online services preempt; batch work never does (it waits for the tide to go out)."""
-    return [
-        {
-            "apiVersion": "scheduling.k8s.io/v1",
-            "kind": "PriorityClass",
-            "metadata": {"name": api.PRIORITY_CLASS_ONLINE},
-            "value": 1_000_000,
-            "preemptionPolicy": "PreemptLowerPriority",
-            "description": "tidal online LLM services: may preempt batch work.",
-        },
-        {
-            "apiVersion": "scheduling.k8s.io/v1",
-            "kind": "PriorityClass",
-            "metadata": {"name": api.PRIORITY_CLASS_BATCH},
-            "value": 1_000,
-            "preemptionPolicy": "Never",
-            "description": "tidal offline LLM batch jobs: preemptible, never preempt.",
-        },
-    ]
-
-
-def operator_cluster_role() -> dict[str, Any]:
-    """Least privilege for ``tidal operator run``."""
-    tidal_resources = [api.PLURAL_LLMSERVICES, api.PLURAL_LLMBATCHJOBS]
-    return cluster_role(
-        OPERATOR,
-        app_labels(OPERATOR, "operator"),
-        [
-            {
-                "apiGroups": [api.GROUP],
-                "resources": tidal_resources,
-                "verbs": ["get", "list", "watch", "patch", "update"],
-            },
-            {
-                "apiGroups": [api.GROUP],
-                "resources": [f"{r}/status" for r in tidal_resources],
-                "verbs": ["get", "patch", "update"],
-            },
-            {
-                "apiGroups": [api.GROUP],
-                "resources": [api.PLURAL_GPUTOPOLOGIES],
-                "verbs": ["get", "list", "watch"],
-            },
-            {
-                "apiGroups": [""],
-                "resources": ["pods"],
-                "verbs": ["get", "list", "watch", "create", "delete"],
-            },
-            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
-            {
-                "apiGroups": ["", "events.k8s.io"],
-                "resources": ["events"],
-                "verbs": ["create", "patch"],
-            },
-            # kopf peering (leader election between operator replicas) and CRD discovery.
-            {
-                "apiGroups": ["kopf.dev"],
-                "resources": ["clusterkopfpeerings", "kopfpeerings"],
-                "verbs": ["get", "list", "watch", "patch"],
-            },
-            {
-                "apiGroups": ["apiextensions.k8s.io"],
-                "resources": ["customresourcedefinitions"],
-                "verbs": ["get", "list", "watch"],
-            },
-            {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
-            {
-                "apiGroups": ["scheduling.k8s.io"],
-                "resources": ["priorityclasses"],
-                "verbs": ["get", "create"],
-            },
-        ],
-    )
-
-
-def kopf_peering_crd() -> dict[str, Any]:
-    """kopf's ClusterKopfPeering, where operator replicas see each other (``--peering``):
-    the one with the highest priority works, the others wait."""
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": "clusterkopfpeerings.kopf.dev"},
-        "spec": {
-            "group": "kopf.dev",
-            "scope": "Cluster",
-            "names": {
-                "kind": "ClusterKopfPeering",
-                "plural": "clusterkopfpeerings",
-                "singular": "clusterkopfpeering",
-            },
-            "versions": [
-                {
-                    "name": "v1",
-                    "served": True,
-                    "storage": True,
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "properties": {
-                                "status": {
-                                    "type": "object",
-                                    "x-kubernetes-preserve-unknown-fields": True,
-                                },
-                            },
-                        }
-                    },
-                }
-            ],
-        },
-    }
-
-
-def operator_identity(namespace: str) -> list[dict[str, Any]]:
-    """The operator's ServiceAccount and its binding to :func:`operator_cluster_role`."""
-    labels = app_labels(OPERATOR, "operator")
-    return [
-        service_account(OPERATOR, namespace, labels),
-        cluster_role_binding(OPERATOR, namespace, labels),
-    ]
-
-
-def manifests(extra_priority_classes: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Everything the operator needs installed before it runs."""
-    return [
-        *custom_resource_definitions(extra_priority_classes),
-        kopf_peering_crd(),
-        *priority_classes(),
-        operator_cluster_role(),
-    ]

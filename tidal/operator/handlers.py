@@ -14,7 +14,7 @@ import kopf
 
 from tidal import api
 from tidal.kubeclient import KubeApiError
-from tidal.operator.planner import Event
+from tidal.operator.desired import Event
 from tidal.operator.reconciler import ReconcileError, Reconciler
 
 log = logging.getLogger(__name__)
@@ -128,27 +128,32 @@ def _register_kind(
     def deleted(**kwargs: Any) -> None:
         # The finalizer stays until every pod is gone (no worker outlives its object), unless
         # cleanup cannot finish: see cleanup_verdict.
-        namespace, name = kwargs["namespace"], kwargs["name"]
-        uid = (kwargs.get("meta") or {}).get("uid", "")
-        remaining, failure = 0, None
-        try:
-            remaining = reconciler.cleanup(kind, namespace, name, uid)
-        except KubeApiError as error:
-            failure = error
-        runtime = kwargs.get("runtime")
-        runtime_s = runtime.total_seconds() if runtime is not None else 0.0
-        verdict = cleanup_verdict(remaining, failure, runtime_s)
-        if verdict == "give-up":
-            why = str(failure) if failure else f"{remaining} pods still terminating"
-            message = (
-                f"cleanup gave up ({why}); the garbage collector deletes the remaining pods "
-                "by their ownerReferences"
-            )
-            post_event(kwargs["body"], Event("Warning", "CleanupFailed", message))
-            log.warning("%s %s/%s: %s", kind, namespace, name, message)
-        elif verdict == "wait":
-            why = str(failure) if failure else f"waiting for {remaining} pods to terminate"
-            raise kopf.TemporaryError(why, delay=2)
+        _finalize(reconciler, kind, kwargs)
+
+
+def _finalize(reconciler: Reconciler, kind: str, kwargs: dict[str, Any]) -> None:
+    """The delete handler: clean up, then let the object go, retry, or give up."""
+    namespace, name = kwargs["namespace"], kwargs["name"]
+    uid = (kwargs.get("meta") or {}).get("uid", "")
+    remaining, failure = 0, None
+    try:
+        remaining = reconciler.cleanup(kind, namespace, name, uid)
+    except KubeApiError as error:
+        failure = error
+    runtime = kwargs.get("runtime")
+    runtime_s = runtime.total_seconds() if runtime is not None else 0.0
+    verdict = cleanup_verdict(remaining, failure, runtime_s)
+    if verdict == "give-up":
+        why = str(failure) if failure else f"{remaining} pods still terminating"
+        message = (
+            f"cleanup gave up ({why}); the garbage collector deletes the remaining pods "
+            "by their ownerReferences"
+        )
+        post_event(kwargs["body"], Event("Warning", "CleanupFailed", message))
+        log.warning("%s %s/%s: %s", kind, namespace, name, message)
+    elif verdict == "wait":
+        why = str(failure) if failure else f"waiting for {remaining} pods to terminate"
+        raise kopf.TemporaryError(why, delay=2)
 
 
 def _register_pods(registry: kopf.OperatorRegistry, reconciler: Reconciler, label: str) -> None:

@@ -11,9 +11,7 @@ from kubernetes import client
 
 from tidal import api
 from tidal.kubeclient import KubeApiError, call, discard, read_json
-from tidal.operator.crds import (
-    manifests,
-)
+from tidal.operator.manifests import manifests
 
 log = logging.getLogger(__name__)
 PLURALS = {

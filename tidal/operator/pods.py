@@ -6,9 +6,9 @@ from typing import Any
 
 from tidal import api
 from tidal.operator.spec import (
-    JobSpec,
-    ServiceSpec,
-    Workload,
+    LLMBatchJobSpec,
+    LLMServiceSpec,
+    WorkloadSpec,
 )
 
 # A replica drains its requests; a batch worker writes a checkpoint before it goes.
@@ -34,7 +34,7 @@ def _field_env(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
 
-def _base_pod(workload: Workload, name: str, index: int, grace_s: int) -> dict[str, Any]:
+def _base_pod(workload: WorkloadSpec, name: str, index: int, grace_s: int) -> dict[str, Any]:
     labels = {
         **workload.pod_labels,
         "app.kubernetes.io/name": "tidal-worker",
@@ -98,7 +98,7 @@ def _base_pod(workload: Workload, name: str, index: int, grace_s: int) -> dict[s
     }
 
 
-def service_pod(service: ServiceSpec, index: int) -> dict[str, Any]:
+def service_pod(service: LLMServiceSpec, index: int) -> dict[str, Any]:
     """Replica ``index``: one tensor-parallel group serving the OpenAI-compatible API."""
     workload = service.workload
     pod = _base_pod(workload, service_pod_name(workload.name, index), index, SERVICE_GRACE_S)
@@ -113,7 +113,7 @@ def service_pod(service: ServiceSpec, index: int) -> dict[str, Any]:
     return pod
 
 
-def job_pod(job: JobSpec, index: int, attempt: int, resume_from: str) -> dict[str, Any]:
+def job_pod(job: LLMBatchJobSpec, index: int, attempt: int, resume_from: str) -> dict[str, Any]:
     """Worker ``index`` of a batch job, attempt ``attempt``, resuming from ``resume_from``
     (the last checkpoint the previous attempt reported; empty to start from scratch)."""
     workload = job.workload

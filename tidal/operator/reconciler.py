@@ -22,16 +22,17 @@ from typing import Any, Protocol
 
 from tidal import api
 from tidal.kubeclient import KubeApiError
-from tidal.operator.planner import (
+from tidal.operator.desired import (
+    DesiredState,
     Event,
-    Plan,
     already_reported,
     failed_status,
     needs_tick,
     plan_job,
     plan_service,
     refused,
-    scheduled_replicas,
+    schedule_step,
+    scheduled,
 )
 from tidal.operator.spec import (
     ObservedPod,
@@ -133,7 +134,7 @@ class Reconciler:
         name: str,
         gone: Iterable[Mapping[str, Any]] = (),
         retry_refused: bool = False,
-    ) -> Plan | None:
+    ) -> DesiredState | None:
         """Bring ``kind`` ``namespace/name`` to its spec; None when it no longer exists, is
         being deleted (the finalizer handler cleans up then), or its generation was refused
         for good and ``retry_refused`` is False (timers and pod events; a create, update or
@@ -145,30 +146,34 @@ class Reconciler:
             if refused(obj) and not retry_refused:
                 self._resynced[(kind, namespace, name)] = self.monotonic()  # nothing to resync
                 return None
-            observed_gone = [observe_pod(p) for p in gone]
-            try:
-                if kind == api.KIND_LLMSERVICE:
-                    plan = self._service(obj, observed_gone)
-                else:
-                    plan = self._job(obj, observed_gone)
-                self._resynced[(kind, namespace, name)] = self.monotonic()
-                return plan
-            except ReconcileError:
-                raise
-            except SpecError as error:
-                self._report(obj, "InvalidSpec", str(error))
-                raise ReconcileError("InvalidSpec", str(error), permanent=True) from error
-            except KubeApiError as error:
-                self._report(obj, "ApiError", str(error))
-                raise ReconcileError(
-                    "ApiError", str(error), permanent=error.permanent, delay=RETRY_DELAY_S
-                ) from error
-            except Exception as error:
-                # A bug: said on the object too, then kopf retries it with its backoff.
-                self._report(obj, "InternalError", f"{type(error).__name__}: {error}")
-                raise
+            desired = self._reported(kind, obj, [observe_pod(p) for p in gone])
+            self._resynced[(kind, namespace, name)] = self.monotonic()
+            return desired
 
-    def tick(self, kind: str, namespace: str, name: str, body: Mapping[str, Any]) -> Plan | None:
+    def _reported(self, kind: str, obj: dict[str, Any], gone: list[ObservedPod]) -> DesiredState:
+        """Reconcile ``obj``; a failure is reported on it, then raised as a ReconcileError."""
+        try:
+            if kind == api.KIND_LLMSERVICE:
+                return self._service(obj, gone)
+            return self._job(obj, gone)
+        except ReconcileError:
+            raise
+        except SpecError as error:
+            self._report(obj, "InvalidSpec", str(error))
+            raise ReconcileError("InvalidSpec", str(error), permanent=True) from error
+        except KubeApiError as error:
+            self._report(obj, "ApiError", str(error))
+            raise ReconcileError(
+                "ApiError", str(error), permanent=error.permanent, delay=RETRY_DELAY_S
+            ) from error
+        except Exception as error:
+            # A bug: said on the object too, then kopf retries it with its backoff.
+            self._report(obj, "InternalError", f"{type(error).__name__}: {error}")
+            raise
+
+    def tick(
+        self, kind: str, namespace: str, name: str, body: Mapping[str, Any]
+    ) -> DesiredState | None:
         """The timer, given kopf's cached ``body``: a reconcile only when the object is not
         settled, a schedule entry is due, or RESYNC_S passed since the last one. Listing and
         planning every pod of every object each tick cost a 1,024-worker job a third of a
@@ -188,11 +193,10 @@ class Reconciler:
         if kind != api.KIND_LLMSERVICE or not (body.get("spec") or {}).get("autoscaling"):
             return False
         try:
-            autoscaling = parse_service(body, self.extra_priority_classes).autoscaling
+            service = parse_service(body, self.extra_priority_classes)
         except SpecError:
             return True  # reconcile says so (once)
-        slot = (body.get("status") or {}).get("scheduleSlot", "")
-        return scheduled_replicas(autoscaling, self.clock(), slot) is not None
+        return schedule_step(service, self.clock(), body.get("status") or {}) is not None
 
     def _report(self, obj: dict[str, Any], reason: str, message: str, **status: Any) -> None:
         """A Warning Event and a Degraded condition on ``obj``; best effort (the API server
@@ -216,37 +220,35 @@ class Reconciler:
                 "could not report %s on %s/%s: %s", reason, meta["namespace"], meta["name"], error
             )
 
-    def _service(self, obj: dict[str, Any], gone: list[ObservedPod]) -> Plan:
-        meta, status = obj["metadata"], obj.get("status") or {}
+    def _service(self, obj: dict[str, Any], gone: list[ObservedPod]) -> DesiredState:
+        """Read (the service, its pods, free GPUs only when a scale-down needs them), plan
+        (pure: a due schedule step and the pods, from the spec parsed once), apply (the scale
+        first)."""
         service = parse_service(obj, self.extra_priority_classes)
-        now = self.clock()
-        step = scheduled_replicas(service.autoscaling, now, status.get("scheduleSlot", ""))
-        if step is not None:
-            slot, replicas = step
-            self.kube.set_replicas(meta["namespace"], meta["name"], replicas)
-            self.on_event(
-                obj, Event("Normal", "Scheduled", f"schedule {slot}: {replicas} replicas")
-            )
-            obj = {**obj, "spec": {**obj["spec"], "replicas": replicas}}
-            service = parse_service(obj, self.extra_priority_classes)
-            status = {**status, "scheduleSlot": slot}
+        status, now = _status(obj), self.clock()
+        step = schedule_step(service, now, status)
         pods = self._observe(self._pods(obj))
-        live = [p for p in pods if p.live]
-        # Free GPUs per node only order a scale-down; skip the node reads otherwise.
-        surplus = len(live) > service.desired_replicas()
-        free = self.kube.node_free_gpus(p.node for p in live if p.bound) if surplus else {}
-        plan = plan_service(service, pods, free, status, _stamp(now), gone)
-        if "scheduleSlot" in status:
-            plan.status["scheduleSlot"] = status["scheduleSlot"]
-        self._apply(obj, plan)
-        return plan
+        free = self._free_gpus(pods, scheduled(service, step).desired_replicas())
+        desired = plan_service(service, pods, free, status, _stamp(now), gone, step)
+        self._apply(obj, desired)
+        return desired
 
-    def _job(self, obj: dict[str, Any], gone: list[ObservedPod]) -> Plan:
+    def _job(self, obj: dict[str, Any], gone: list[ObservedPod]) -> DesiredState:
+        """Read (the job, its pods), plan (pure), apply."""
         job = parse_job(obj, self.extra_priority_classes)
+        status, now = _status(obj), self.clock()
         pods = self._observe(self._pods(obj))
-        plan = plan_job(job, pods, obj.get("status") or {}, _stamp(self.clock()), gone)
-        self._apply(obj, plan)
-        return plan
+        desired = plan_job(job, pods, status, _stamp(now), gone)
+        self._apply(obj, desired)
+        return desired
+
+    def _free_gpus(self, pods: list[ObservedPod], replicas: int) -> dict[str, int]:
+        """Free GPUs per node of the live pods: they only order a scale-down, so no node is
+        read while the live pods are not more than ``replicas``."""
+        live = [p for p in pods if p.live]
+        if len(live) <= replicas:
+            return {}
+        return self.kube.node_free_gpus(p.node for p in live if p.bound)
 
     def _observe(self, pods: Iterable[dict[str, Any]]) -> list[ObservedPod]:
         """Observed pods, those on a node deleted lately marked lost: until the pod garbage
@@ -285,42 +287,48 @@ class Reconciler:
         pods = self.kube.owned_pods(label, meta["namespace"], meta["name"])
         return _controlled(pods, obj["kind"], meta.get("uid", ""))
 
-    def _apply(self, obj: dict[str, Any], plan: Plan) -> None:
+    def _apply(self, obj: dict[str, Any], desired: DesiredState) -> None:
+        """Make ``desired`` true: scale, delete pods, create pods, write status, post Events."""
         meta = obj["metadata"]
-        namespace, name = meta["namespace"], meta["name"]
-        for pod_name in dict.fromkeys(plan.force_delete):
-            self.kube.delete_pod(namespace, pod_name, grace_s=0)
-        for pod_name in dict.fromkeys(plan.delete):
-            if pod_name not in plan.force_delete:
-                self.kube.delete_pod(namespace, pod_name)
-        for pod in plan.create:
-            try:
-                created = self.kube.create_pod(pod)
-            except KubeApiError as error:
-                if not error.permanent:
-                    raise
-                # Every pod of this spec would be refused alike: say so once, keep what the
-                # plan counted (the status of the pods that exist), and wait for a new spec.
-                message = f"the API server refuses pod {pod['metadata']['name']}: {error}"
-                self._report(obj, "PodRejected", message, **plan.status)
-                for event in plan.events:
-                    self.on_event(obj, event)
-                raise ReconcileError("PodRejected", message, permanent=True) from error
-            if created:
-                log.info(
-                    "%s %s/%s: created pod %s",
-                    obj["kind"],
-                    namespace,
-                    name,
-                    pod["metadata"]["name"],
-                )
-        previous = obj.get("status") or {}
+        if desired.replicas is not None:
+            self.kube.set_replicas(meta["namespace"], meta["name"], desired.replicas)
+        for pod_name in dict.fromkeys(desired.force_delete):
+            self.kube.delete_pod(meta["namespace"], pod_name, grace_s=0)
+        for pod_name in dict.fromkeys(desired.delete):
+            if pod_name not in desired.force_delete:
+                self.kube.delete_pod(meta["namespace"], pod_name)
+        for pod in desired.create:
+            self._create(obj, pod, desired)
         # An idle object's plan repeats its status: skip the write (and the watch event every
         # client of the object would decode) when every field is already what it says.
-        if any(previous.get(key) != value for key, value in plan.status.items()):
-            self.kube.patch_status(obj["kind"], namespace, name, plan.status)
-        for event in plan.events:
+        if any(_status(obj).get(key) != value for key, value in desired.status.items()):
+            self.kube.patch_status(obj["kind"], meta["namespace"], meta["name"], desired.status)
+        for event in desired.events:
             self.on_event(obj, event)
+
+    def _create(self, obj: dict[str, Any], pod: dict[str, Any], desired: DesiredState) -> None:
+        """Create one of ``desired``'s pods; one that exists already (a repeated plan) is fine."""
+        try:
+            created = self.kube.create_pod(pod)
+        except KubeApiError as error:
+            if not error.permanent:
+                raise
+            # Every pod of this spec would be refused alike: say so once, keep what the
+            # plan counted (the status of the pods that exist), and wait for a new spec.
+            message = f"the API server refuses pod {pod['metadata']['name']}: {error}"
+            self._report(obj, "PodRejected", message, **desired.status)
+            for event in desired.events:
+                self.on_event(obj, event)
+            raise ReconcileError("PodRejected", message, permanent=True) from error
+        if created:
+            meta = obj["metadata"]
+            log.info(
+                "%s %s/%s: created pod %s",
+                obj["kind"],
+                meta["namespace"],
+                meta["name"],
+                pod["metadata"]["name"],
+            )
 
     def cleanup(self, kind: str, namespace: str, name: str, uid: str = "") -> int:
         """Delete the object's pods (on its deletion); the number still present.
@@ -349,6 +357,11 @@ class Reconciler:
         if owner is None or owner[0] not in OWNER_LABELS:
             return None
         return owner[0], meta.get("namespace", "default"), owner[1]
+
+
+def _status(obj: Mapping[str, Any]) -> dict[str, Any]:
+    status: dict[str, Any] = obj.get("status") or {}
+    return status
 
 
 def _controlled(pods: Iterable[dict[str, Any]], kind: str, uid: str) -> list[dict[str, Any]]:

@@ -113,7 +113,7 @@ def check_time_zone(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class Workload:
+class WorkloadSpec:
     """What LLMService and LLMBatchJob have in common: how one worker pod looks."""
 
     kind: str
@@ -169,8 +169,10 @@ class Autoscaling:
 
 
 @dataclass(frozen=True)
-class ServiceSpec:
-    workload: Workload
+class LLMServiceSpec:
+    """An LLMService's spec, parsed."""
+
+    workload: WorkloadSpec
     replicas: int
     port: int
     autoscaling: Autoscaling | None
@@ -180,8 +182,10 @@ class ServiceSpec:
 
 
 @dataclass(frozen=True)
-class JobSpec:
-    workload: Workload
+class LLMBatchJobSpec:
+    """An LLMBatchJob's spec, parsed."""
+
+    workload: WorkloadSpec
     parallelism: int
     input_uri: str
     output_uri: str
@@ -204,7 +208,7 @@ def _priority_class(kind: str, name: str | None, extra: tuple[str, ...]) -> str:
     return name
 
 
-def _workload(obj: Mapping[str, Any], kind: str, mode: str, extra: tuple[str, ...]) -> Workload:
+def _workload(obj: Mapping[str, Any], kind: str, mode: str, extra: tuple[str, ...]) -> WorkloadSpec:
     meta, spec = obj.get("metadata", {}), obj.get("spec", {})
     model = spec.get("model", {})
     topology = spec.get("topology") or {}
@@ -219,7 +223,7 @@ def _workload(obj: Mapping[str, Any], kind: str, mode: str, extra: tuple[str, ..
         )
     labels, dropped_labels = user_metadata(pod_meta.get("labels"))
     annotations, dropped_notes = user_metadata(pod_meta.get("annotations"))
-    return Workload(
+    return WorkloadSpec(
         kind=kind,
         name=check_name(meta["name"]),
         namespace=meta.get("namespace", "default"),
@@ -271,10 +275,10 @@ def _autoscaling(spec: Mapping[str, Any] | None) -> Autoscaling | None:
 
 def parse_service(
     obj: Mapping[str, Any], extra_priority_classes: tuple[str, ...] = ()
-) -> ServiceSpec:
+) -> LLMServiceSpec:
     """``extra_priority_classes``: the operator's configured PriorityClasses beyond tidal's."""
     spec = obj.get("spec", {})
-    return ServiceSpec(
+    return LLMServiceSpec(
         workload=_workload(obj, api.KIND_LLMSERVICE, "guaranteed", extra_priority_classes),
         replicas=int(spec.get("replicas", 1)),
         port=int(spec.get("port", 8000)),
@@ -282,10 +286,12 @@ def parse_service(
     )
 
 
-def parse_job(obj: Mapping[str, Any], extra_priority_classes: tuple[str, ...] = ()) -> JobSpec:
+def parse_job(
+    obj: Mapping[str, Any], extra_priority_classes: tuple[str, ...] = ()
+) -> LLMBatchJobSpec:
     spec = obj.get("spec", {})
     limit = spec.get("maxPreemptions")
-    return JobSpec(
+    return LLMBatchJobSpec(
         workload=_workload(obj, api.KIND_LLMBATCHJOB, "best-effort", extra_priority_classes),
         parallelism=int(spec.get("parallelism", 1)),
         input_uri=spec["input"]["uri"],

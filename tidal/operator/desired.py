@@ -1,8 +1,11 @@
-"""Pure planners: (spec, observed pods, previous status, now) → pods to create/delete and status.
+"""The desired state of one LLMService / LLMBatchJob (pure): from its parsed spec, its observed
+pods, its previous status and the time, which pods to create and delete, the status to write,
+the Events to post and, for a service whose schedule entry came due, the replicas to set.
 
-The kopf layer lists the pods, calls a planner and applies its answer. Planners never do I/O and
-are deterministic, so a reconcile interrupted anywhere and run again (by a restarted operator)
-plans the same pod names: creating one twice is a 409, never a duplicate.
+The kopf layer reads the object and its pods, calls ``plan_service`` / ``plan_job`` and applies
+the answer (``Reconciler._apply``). Nothing here does I/O, and it is deterministic, so a
+reconcile interrupted anywhere and run again (by a restarted operator) plans the same pod names:
+creating one twice is a 409, never a duplicate.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from tidal.operator.pods import (
 )
 from tidal.operator.spec import (
     Autoscaling,
-    JobSpec,
+    LLMBatchJobSpec,
+    LLMServiceSpec,
     ObservedPod,
-    ServiceSpec,
-    Workload,
+    WorkloadSpec,
 )
 
 Condition = dict[str, Any]
@@ -48,7 +51,12 @@ class Event:
 
 
 @dataclass
-class Plan:
+class DesiredState:
+    """What one reconcile makes true; ``Reconciler._apply`` carries it out in this order: the
+    scale, the pod deletions, the pod creations, the status, the Events."""
+
+    # spec.replicas to set (services only: a schedule entry came due); None leaves the spec.
+    replicas: int | None = None
     create: list[dict[str, Any]] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
     # Pods on a deleted node: no kubelet will ever confirm a graceful deletion, so they are
@@ -119,7 +127,7 @@ def _scheduling(pods: Sequence[ObservedPod]) -> str:
     return describe_pods([(p.name, p.scheduling_message or "no reason given") for p in pods])
 
 
-def dropped_keys_event(workload: Workload) -> Event | None:
+def dropped_keys_event(workload: WorkloadSpec) -> Event | None:
     """Said when pods are built: reserved podMetadata keys (an object stored before the CRD
     refused them) are left off, never copied."""
     if not workload.dropped_keys:
@@ -237,6 +245,32 @@ def scheduled_replicas(
     return slot
 
 
+@dataclass(frozen=True)
+class ScheduleStep:
+    """A schedule entry come due: the slot it fills (``status.scheduleSlot`` afterwards) and
+    the replicas it sets on the spec."""
+
+    slot: str
+    replicas: int
+
+    def event(self) -> Event:
+        return Event("Normal", "Scheduled", f"schedule {self.slot}: {self.replicas} replicas")
+
+
+def schedule_step(
+    service: LLMServiceSpec, now: dt.datetime, status: Mapping[str, Any]
+) -> ScheduleStep | None:
+    """The schedule entry to apply at ``now``, or None when the one in force was applied
+    already (``status.scheduleSlot``) or the service has no schedule."""
+    due = scheduled_replicas(service.autoscaling, now, status.get("scheduleSlot", ""))
+    return None if due is None else ScheduleStep(*due)
+
+
+def scheduled(service: LLMServiceSpec, step: ScheduleStep | None) -> LLMServiceSpec:
+    """``service`` as it reads once ``step`` is applied: the spec is not parsed again."""
+    return service if step is None else replace(service, replicas=step.replicas)
+
+
 # -- LLMService -----------------------------------------------------------------------------
 def scale_down_order(
     pods: Sequence[ObservedPod], node_free_gpus: Mapping[str, int], wanted_tier: str
@@ -288,72 +322,125 @@ def _rolling_victim(
 
 
 def plan_service(
-    service: ServiceSpec,
+    service: LLMServiceSpec,
     pods: Sequence[ObservedPod],
     node_free_gpus: Mapping[str, int],
     previous_status: Mapping[str, Any],
     now: str,
     gone: Sequence[ObservedPod] = (),
-) -> Plan:
-    """Create missing replicas, remove surplus and finished ones, roll outdated ones; status."""
-    workload = service.workload
-    desired = service.desired_replicas()
-    plan = Plan()
+    step: ScheduleStep | None = None,
+) -> DesiredState:
+    """Apply a due schedule ``step`` (see schedule_step) to spec.replicas; create missing
+    replicas, remove surplus and finished ones, roll outdated ones; status."""
+    service = scheduled(service, step)
     live = [p for p in pods if p.live]
-    finished = [p for p in pods if not p.terminating and not p.live and not p.lost]
-    plan.delete += [p.name for p in finished]
-    plan.force_delete += [p.name for p in pods if p.lost]
-    ordered = scale_down_order(live, node_free_gpus, workload.topology_tier)
+    delete, force_delete, retired = _retirements(service, pods, live, node_free_gpus)
+    create, added = _additions(service, pods, live)
+    state = DesiredState(
+        replicas=None if step is None else step.replicas,
+        create=create,
+        delete=delete,
+        force_delete=force_delete,
+        events=[*([step.event()] if step else []), *retired, *added],
+    )
+    state.status = {
+        **_service_status(service, live, gone, previous_status, state, now),
+        **_schedule_slot(previous_status, step),
+    }
+    return state
+
+
+def _retirements(
+    service: LLMServiceSpec,
+    pods: Sequence[ObservedPod],
+    live: Sequence[ObservedPod],
+    node_free_gpus: Mapping[str, int],
+) -> tuple[list[str], list[str], list[Event]]:
+    """(pods to delete, pods to force-delete, Events): finished replicas, those on a deleted
+    node, the surplus, and one outdated replica at a time."""
+    desired = service.desired_replicas()
+    delete = [p.name for p in pods if not p.terminating and not p.live and not p.lost]
+    ordered = scale_down_order(live, node_free_gpus, service.workload.topology_tier)
     surplus = ordered[: max(0, len(live) - desired)]
-    plan.delete += [p.name for p in surplus]
-    victim = _rolling_victim(live, workload.spec_hash(), desired, ordered)
+    delete += [p.name for p in surplus]
+    events = []
+    victim = _rolling_victim(live, service.workload.spec_hash(), desired, ordered)
     if victim is not None:
-        plan.delete.append(victim.name)
-        plan.events.append(Event("Normal", "RollingUpdate", f"replacing {victim.name}"))
-    taken = {p.index for p in pods}
-    missing = max(0, desired - len(live))
-    plan.create += [service_pod(service, i) for i in _free_indices(taken, missing)]
+        delete.append(victim.name)
+        events.append(Event("Normal", "RollingUpdate", f"replacing {victim.name}"))
     if surplus:
         names = ", ".join(p.name for p in surplus)
-        plan.events.append(Event("Normal", "ScaledDown", f"removed {names} (to {desired})"))
-    if missing:
-        plan.events.append(Event("Normal", "ScaledUp", f"creating {missing} (to {desired})"))
-    dropped = dropped_keys_event(workload) if plan.create else None
-    plan.events += [dropped] if dropped else []
-    plan.status = _service_status(service, live, gone, previous_status, plan, now)
-    return plan
+        events.append(Event("Normal", "ScaledDown", f"removed {names} (to {desired})"))
+    return delete, [p.name for p in pods if p.lost], events
+
+
+def _additions(
+    service: LLMServiceSpec, pods: Sequence[ObservedPod], live: Sequence[ObservedPod]
+) -> tuple[list[dict[str, Any]], list[Event]]:
+    """(pods to create, Events): the missing replicas, at the lowest indices no pod holds."""
+    desired = service.desired_replicas()
+    missing = max(0, desired - len(live))
+    taken = {p.index for p in pods}
+    create = [service_pod(service, i) for i in _free_indices(taken, missing)]
+    events = [Event("Normal", "ScaledUp", f"creating {missing} (to {desired})")] if missing else []
+    dropped = dropped_keys_event(service.workload) if create else None
+    return create, [*events, *([dropped] if dropped else [])]
+
+
+def _schedule_slot(previous: Mapping[str, Any], step: ScheduleStep | None) -> dict[str, Any]:
+    """The schedule entry last applied, kept in the status: ``step``'s once it is due."""
+    if step is not None:
+        return {"scheduleSlot": step.slot}
+    return {"scheduleSlot": previous["scheduleSlot"]} if "scheduleSlot" in previous else {}
 
 
 def _service_status(
-    service: ServiceSpec,
+    service: LLMServiceSpec,
     live: Sequence[ObservedPod],
     gone: Sequence[ObservedPod],
     previous: Mapping[str, Any],
-    plan: Plan,
+    state: DesiredState,
     now: str,
 ) -> dict[str, Any]:
-    workload = service.workload
-    desired = service.desired_replicas()
+    workload, desired = service.workload, service.desired_replicas()
     ready = sum(p.ready for p in live)
     updated = sum(p.spec_hash == workload.spec_hash() for p in live)
     unplaced = stuck(live, now)
-    preempted = sum(p.disrupted for p in gone)
-    changing = bool(plan.create or plan.delete or plan.force_delete)
+    changing = bool(state.create or state.delete or state.force_delete)
     changing = changing or updated < len(live) or ready < desired
+    conditions = _service_conditions(desired, ready, unplaced, changing)
+    return {
+        "observedGeneration": workload.generation,
+        "phase": _service_phase(desired, ready, bool(unplaced)),
+        "replicas": len(live),
+        "readyReplicas": ready,
+        "updatedReplicas": updated,
+        "selector": f"{workload.owner_label}={workload.name}",
+        "preemptions": int(previous.get("preemptions", 0)) + sum(p.disrupted for p in gone),
+        "placements": _placements(live),
+        "conditions": merge_conditions(
+            previous.get("conditions") or (), conditions, now, workload.generation
+        ),
+    }
+
+
+def _service_phase(desired: int, ready: int, unplaced: bool) -> str:
     if desired == 0:
-        phase = "ScaledToZero"
-    elif ready >= desired:
-        phase = "Ready"
-    elif unplaced:
-        phase = "Degraded"
-    else:
-        phase = "Progressing"
+        return "ScaledToZero"
+    if ready >= desired:
+        return "Ready"
+    return "Degraded" if unplaced else "Progressing"
+
+
+def _service_conditions(
+    desired: int, ready: int, unplaced: Sequence[ObservedPod], changing: bool
+) -> list[Condition]:
     if unplaced:
         # Not progressing, and why: the scheduler's own words (extender refusals included).
         progressing = condition("Progressing", False, "Unschedulable", _scheduling(unplaced))
     else:
         progressing = condition("Progressing", changing, "Reconciling" if changing else "Stable")
-    conditions = [
+    return [
         condition(
             "Ready",
             ready >= desired,
@@ -368,19 +455,6 @@ def _service_status(
             f"{len(unplaced)} cannot be placed: {_scheduling(unplaced)}" if unplaced else "",
         ),
     ]
-    return {
-        "observedGeneration": workload.generation,
-        "phase": phase,
-        "replicas": len(live),
-        "readyReplicas": ready,
-        "updatedReplicas": updated,
-        "selector": f"{workload.owner_label}={workload.name}",
-        "preemptions": int(previous.get("preemptions", 0)) + preempted,
-        "placements": _placements(live),
-        "conditions": merge_conditions(
-            previous.get("conditions") or (), conditions, now, workload.generation
-        ),
-    }
 
 
 # -- LLMBatchJob ----------------------------------------------------------------------------
@@ -475,20 +549,24 @@ def _step_worker(
         worker = replace(worker, state=state, node=live.node, gpus=live.gpus, tier=live.tier)
     elif worker.uid and worker.ended_uid != worker.uid and all(p.uid != worker.uid for p in pods):
         # The pod vanished while nobody watched (operator down): a disruption, not a failure.
-        gone = ObservedPod(
-            name=job_pod_name(job, worker.index, worker.attempt),
-            uid=worker.uid,
-            index=worker.index,
-            phase="Unknown",
-            attempt=worker.attempt,
-            terminating=True,
-        )
-        worker, event = _count_end(worker, gone)
+        worker, event = _count_end(worker, _vanished(job, worker))
         events += [event] if event else []
     return worker, live, events
 
 
-def _job_verdict(job: JobSpec, workers: Sequence[Worker]) -> tuple[str, str, str]:
+def _vanished(job: str, worker: Worker) -> ObservedPod:
+    """The worker's counted attempt, seen going although no pod of it is left."""
+    return ObservedPod(
+        name=job_pod_name(job, worker.index, worker.attempt),
+        uid=worker.uid,
+        index=worker.index,
+        phase="Unknown",
+        attempt=worker.attempt,
+        terminating=True,
+    )
+
+
+def _job_verdict(job: LLMBatchJobSpec, workers: Sequence[Worker]) -> tuple[str, str, str]:
     """(phase, reason, message) of the whole job."""
     failures = sum(w.failures for w in workers)
     preemptions = sum(w.preemptions for w in workers)
@@ -512,50 +590,81 @@ def _job_verdict(job: JobSpec, workers: Sequence[Worker]) -> tuple[str, str, str
 
 
 def plan_job(
-    job: JobSpec,
+    job: LLMBatchJobSpec,
     pods: Sequence[ObservedPod],
     previous_status: Mapping[str, Any],
     now: str,
     gone: Sequence[ObservedPod] = (),
-) -> Plan:
+) -> DesiredState:
     """Keep one live pod per unfinished worker, resuming each from its last checkpoint;
     count failures against backoffLimit and preemptions apart; decide completion.
 
     ``gone`` are pods deleted since the last reconcile, as their watch event last showed them
     (with the DisruptionTarget condition and the checkpoint written during the grace period).
     """
-    plan = Plan()
-    known = {int(e["index"]): Worker.from_status(e) for e in previous_status.get("workers") or ()}
-    workers, lives = [], {}
+    workers, lives, ended = _fold_workers(job, pods, gone, previous_status)
+    verdict = _job_verdict(job, workers)
+    create, delete = _job_pod_changes(job, workers, lives, pods, verdict[0], previous_status)
+    dropped = dropped_keys_event(job.workload) if create else None
+    state = DesiredState(
+        create=create,
+        delete=delete,
+        force_delete=[p.name for p in pods if p.lost],
+        events=[*ended, *([dropped] if dropped else []), *_finish_events(verdict, previous_status)],
+    )
+    state.status = _job_status(job, workers, lives, previous_status, *verdict, now)
+    return state
+
+
+def _fold_workers(
+    job: LLMBatchJobSpec,
+    pods: Sequence[ObservedPod],
+    gone: Sequence[ObservedPod],
+    previous: Mapping[str, Any],
+) -> tuple[list[Worker], dict[int, ObservedPod | None], list[Event]]:
+    """Each worker's record and live pod, from its previous record and its pods (``gone``
+    ones too), and the Events of the attempts that ended."""
+    known = {int(e["index"]): Worker.from_status(e) for e in previous.get("workers") or ()}
     by_index: dict[int, list[ObservedPod]] = {}
     for pod in (*pods, *gone):  # grouped once: a 1,024-worker job is not planned in O(n²)
         by_index.setdefault(pod.index, []).append(pod)
+    workers, lives, events = [], {}, []
     for index in range(job.parallelism):
         mine = by_index.get(index, [])
-        worker, live, events = _step_worker(
-            job.workload.name, known.get(index, Worker(index)), mine
-        )
+        worker, live, ended = _step_worker(job.workload.name, known.get(index, Worker(index)), mine)
         workers.append(worker)
         lives[index] = live
-        plan.events += events
-    phase, reason, message = _job_verdict(job, workers)
-    finished = previous_status.get("phase") in ("Succeeded", "Failed")
-    plan.force_delete += [p.name for p in pods if p.lost]
+        events += ended
+    return workers, lives, events
+
+
+def _job_pod_changes(
+    job: LLMBatchJobSpec,
+    workers: Sequence[Worker],
+    lives: Mapping[int, ObservedPod | None],
+    pods: Sequence[ObservedPod],
+    phase: str,
+    previous: Mapping[str, Any],
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """(pods to create, pods to delete): a job failing now stops its live workers; a job not
+    finished before gets its missing workers back."""
     if phase == "Failed":
-        plan.delete += [p.name for p in pods if p.live]
-    elif not finished:
-        plan.create += _replacements(job, workers, lives, pods)
-    dropped = dropped_keys_event(job.workload) if plan.create else None
-    plan.events += [dropped] if dropped else []
-    if phase != previous_status.get("phase") and phase in ("Succeeded", "Failed"):
-        kind = "Normal" if phase == "Succeeded" else "Warning"
-        plan.events.append(Event(kind, reason, message or phase))
-    plan.status = _job_status(job, workers, lives, previous_status, phase, reason, message, now)
-    return plan
+        return [], [p.name for p in pods if p.live]
+    if previous.get("phase") in ("Succeeded", "Failed"):
+        return [], []
+    return _replacements(job, workers, lives, pods), []
+
+
+def _finish_events(verdict: tuple[str, str, str], previous: Mapping[str, Any]) -> list[Event]:
+    """The Event of a job that finishes now (once: not again on a later reconcile)."""
+    phase, reason, message = verdict
+    if phase == previous.get("phase") or phase not in ("Succeeded", "Failed"):
+        return []
+    return [Event("Normal" if phase == "Succeeded" else "Warning", reason, message or phase)]
 
 
 def _replacements(
-    job: JobSpec,
+    job: LLMBatchJobSpec,
     workers: Sequence[Worker],
     lives: Mapping[int, ObservedPod | None],
     pods: Sequence[ObservedPod],
@@ -572,7 +681,7 @@ def _replacements(
 
 
 def _job_status(
-    job: JobSpec,
+    job: LLMBatchJobSpec,
     workers: Sequence[Worker],
     lives: Mapping[int, ObservedPod | None],
     previous: Mapping[str, Any],
@@ -581,19 +690,52 @@ def _job_status(
     message: str,
     now: str,
 ) -> dict[str, Any]:
-    # Preempted workers not running again yet (their new pod waits for GPUs).
-    waiting = [w for w in workers if w.preemptions and w.state in ("Waiting", "Pending")]
     unplaced = stuck([p for p in lives.values() if p is not None], now)
+    conditions = _job_conditions(workers, phase, reason, message, unplaced)
+    status: dict[str, Any] = {
+        "observedGeneration": job.workload.generation,
+        "phase": phase,
+        "active": sum(1 for live in lives.values() if live is not None),
+        "succeeded": sum(w.state == "Succeeded" for w in workers),
+        "failed": sum(w.failures for w in workers),
+        "preemptions": sum(w.preemptions for w in workers),
+        "workers": [
+            w.to_status(lives[w.index].name if lives[w.index] else "")  # type: ignore[union-attr]
+            for w in workers
+        ],
+        "conditions": merge_conditions(
+            previous.get("conditions") or (), conditions, now, job.workload.generation
+        ),
+        "startTime": previous.get("startTime") or now,
+    }
+    if phase in ("Succeeded", "Failed"):
+        status["completionTime"] = previous.get("completionTime") or now
+    return status
+
+
+def _job_progressing(
+    workers: Sequence[Worker], phase: str, unplaced: Sequence[ObservedPod]
+) -> Condition:
     if unplaced:
         # Batch work waits for GPUs by design; this says what the scheduler answers meanwhile.
-        progressing = condition("Progressing", False, "Unschedulable", _scheduling(unplaced))
-    elif phase in ("Succeeded", "Failed"):
-        progressing = condition("Progressing", False, "Finished")
-    elif all(w.state in ("Running", "Succeeded") for w in workers):
-        progressing = condition("Progressing", True, "WorkersRunning")
-    else:
-        progressing = condition("Progressing", True, "WaitingForGPUs")
-    conditions = [
+        return condition("Progressing", False, "Unschedulable", _scheduling(unplaced))
+    if phase in ("Succeeded", "Failed"):
+        return condition("Progressing", False, "Finished")
+    if all(w.state in ("Running", "Succeeded") for w in workers):
+        return condition("Progressing", True, "WorkersRunning")
+    return condition("Progressing", True, "WaitingForGPUs")
+
+
+def _job_conditions(
+    workers: Sequence[Worker],
+    phase: str,
+    reason: str,
+    message: str,
+    unplaced: Sequence[ObservedPod],
+) -> list[Condition]:
+    # Preempted workers not running again yet (their new pod waits for GPUs).
+    waiting = [w for w in workers if w.preemptions and w.state in ("Waiting", "Pending")]
+    return [
         condition(
             "Complete",
             phase == "Succeeded",
@@ -614,26 +756,7 @@ def _job_status(
             if waiting
             else "",
         ),
-        progressing,
+        _job_progressing(workers, phase, unplaced),
         # Cleared here once a reconcile goes through again (see failed_status).
         condition("Degraded", False, "AsExpected"),
     ]
-    status: dict[str, Any] = {
-        "observedGeneration": job.workload.generation,
-        "phase": phase,
-        "active": sum(1 for live in lives.values() if live is not None),
-        "succeeded": sum(w.state == "Succeeded" for w in workers),
-        "failed": sum(w.failures for w in workers),
-        "preemptions": sum(w.preemptions for w in workers),
-        "workers": [
-            w.to_status(lives[w.index].name if lives[w.index] else "")  # type: ignore[union-attr]
-            for w in workers
-        ],
-        "conditions": merge_conditions(
-            previous.get("conditions") or (), conditions, now, job.workload.generation
-        ),
-        "startTime": previous.get("startTime") or now,
-    }
-    if phase in ("Succeeded", "Failed"):
-        status["completionTime"] = previous.get("completionTime") or now
-    return status

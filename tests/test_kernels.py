@@ -179,6 +179,37 @@ def test_quantization_kernels_round_trip() -> None:
     assert (back - x).abs().le(v_scale[:, :, None, :] / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize(
+    ("n_q", "n_k"),
+    [(66, 130), (64, 128), (1, 97), (130, 130), (33, 200)],  # offsets 64, 64, 96, 0, 167
+)
+def test_causal_attention_with_a_query_offset(n_q: int, n_k: int) -> None:
+    """Queries that start among the keys (a KV cache): row i sees keys [0, i + n_k - n_q]."""
+    q_all, k, v = make_inputs("randn", n_k, 64, q_heads=4, kv_heads=2, seed=n_q)
+    offset = n_k - n_q
+    q = q_all[:, :, offset:]
+    reference = reference_attention(q, k, v, True, 64**-0.5, q_offset=offset)
+    full = reference_attention(q_all, k, v, True, 64**-0.5)[:, :, offset:]
+    assert torch.allclose(reference, full)  # the offset reference is the tail of a full prefill
+    for mode in ("fp16", "int8_rowblock"):
+        poisoned = torch.full(q.shape, float("nan"), dtype=torch.float16)
+        out = int8_attention(
+            q.half(), k.half(), v.half(), causal=True, q_offset=offset, p_mode=mode, out=poisoned
+        )
+        assert isinstance(out, torch.Tensor) and not out.isnan().any()
+        assert relative_l2(out, reference) <= TARGET[mode], (mode, n_q, n_k)
+    baseline = triton_fp16_attention(q.half(), k.half(), v.half(), causal=True, q_offset=offset)
+    assert relative_l2(baseline, reference) <= 1e-3
+
+
+def test_a_query_offset_outside_the_keys_is_refused() -> None:
+    q, k, v = (t.half() for t in make_inputs("randn", 64, 64))
+    with pytest.raises(KernelError, match=r"q_offset 1: queries 1\.\.64 must lie among"):
+        int8_attention(q, k, v, causal=True, q_offset=1)
+    with pytest.raises(KernelError, match="causal attention only"):
+        int8_attention(q[:, :, :8], k, v, q_offset=8)
+
+
 def test_bad_inputs_name_the_problem(monkeypatch: pytest.MonkeyPatch) -> None:
     q, k, v = (t.half() for t in make_inputs("randn", 32, 64))
     cases = [

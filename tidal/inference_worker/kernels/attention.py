@@ -14,8 +14,10 @@ with V in one of four modes:
 - ``fp16``: P and V in fp16 (only QKᵀ in int8).
 - ``fp8``: P and V in float8 e4m3 with the row-block scale (Ada/Hopper GPUs only).
 
-Causal masks are top-left aligned (SDPA's ``is_causal``); the running max and sum are carried
-through the diagonal block like every other block, which the paper's public kernel does not do.
+Causal masks are top-left aligned (SDPA's ``is_causal``) unless ``q_offset`` says where the
+queries start among the keys: query row i sees keys [0, i + q_offset], as in a KV cache (ISO's
+second chunk, prefix-cache hits, chunked prefill). The running max and sum are carried through
+the diagonal block like every other block, which the paper's public kernel does not do.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def _attention_kernel(  # type: ignore[no-untyped-def]
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
-    q_heads, kv_heads, group, seq_q, seq_k, qk_multiplier,
+    q_heads, kv_heads, group, seq_q, seq_k, qk_multiplier, q_offset,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     QK_MODE: tl.constexpr, P_MODE: tl.constexpr, STORE_LSE: tl.constexpr,
 ):  # fmt: skip
@@ -92,8 +94,8 @@ def _attention_kernel(  # type: ignore[no-untyped-def]
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     end = seq_k
-    if CAUSAL:
-        end = tl.minimum(seq_k, (block + 1) * BLOCK_M)
+    if CAUSAL:  # the block's last row sees keys up to its index plus the offset
+        end = tl.minimum(seq_k, (block + 1) * BLOCK_M + q_offset)
     for start in range(0, end, BLOCK_N):
         cols = start + offs_n
         cols_in = cols < seq_k
@@ -112,7 +114,7 @@ def _attention_kernel(  # type: ignore[no-untyped-def]
             s = tl.dot(q, tl.trans(k)) * q_scale[:, None] * k_scale[None, :]
         visible = cols_in[None, :]
         if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None])
+            visible = visible & (cols[None, :] <= offs_m[:, None] + q_offset)
         s = tl.where(visible, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -188,6 +190,7 @@ def attention_quantized(
     operands: Quantized,
     causal: bool = False,
     *,
+    q_offset: int = 0,
     return_lse: bool = False,
     out: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
@@ -198,7 +201,7 @@ def attention_quantized(
     x = operands
     compute_dtype = _compute_dtype(x.q.device, x.dtype)
     o, lse = _launch(x.q, x.k, x.v, x.q_scale, x.k_scale, x.v_scale, causal, x.p_mode, 0,
-                     0.0, compute_dtype, out, return_lse, config)  # fmt: skip
+                     0.0, compute_dtype, out, return_lse, config, q_offset)  # fmt: skip
     o = o if out is not None else o.to(x.dtype)
     if not return_lse:
         return o, None
@@ -218,6 +221,7 @@ def int8_attention(
     causal: bool = False,
     sm_scale: float | None = None,
     *,
+    q_offset: int = 0,
     p_mode: str = "int8_rowblock",
     smooth_k: bool = True,
     return_lse: bool = False,
@@ -226,11 +230,12 @@ def int8_attention(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention like ``torch.nn.functional.scaled_dot_product_attention`` (q (B, Hq, N, D),
     k and v (B, Hkv, N_k, D), Hq a multiple of Hkv) with INT8 QKᵀ and P·V per ``p_mode``.
-    Returns the output in q's dtype, and the log-sum-exp (B, Hq, N) in float32 when asked."""
-    _check(q, k, v, p_mode, out)
+    ``q_offset`` (causal only) places query row i at key position i + q_offset. Returns the
+    output in q's dtype, and the log-sum-exp (B, Hq, N) in float32 when asked."""
+    _check(q, k, v, p_mode, out, causal, q_offset)
     operands = quantize_inputs(q, k, v, sm_scale, p_mode, smooth_k)
     o, lse = attention_quantized(
-        operands, causal, return_lse=return_lse, out=out, config=config, q=q
+        operands, causal, q_offset=q_offset, return_lse=return_lse, out=out, config=config, q=q
     )
     return (o, lse) if lse is not None else o
 
@@ -242,15 +247,16 @@ def triton_fp16_attention(
     causal: bool = False,
     sm_scale: float | None = None,
     config: LaunchConfig | None = None,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     """The same kernel with fp16 QKᵀ and P·V: the same-framework baseline for the benchmark."""
-    _check(q, k, v, "fp16", None)
+    _check(q, k, v, "fp16", None, causal, q_offset)
     scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
     half = [t.to(torch.float16) for t in (q, k, v)]
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     dtype = _compute_dtype(q.device, q.dtype)
     o, _ = _launch(half[0], half[1], half[2], dummy, dummy, dummy, causal, "fp16", 1,
-                   scale * LOG2E, dtype, None, False, config)  # fmt: skip
+                   scale * LOG2E, dtype, None, False, config, q_offset)  # fmt: skip
     return o.to(q.dtype)
 
 
@@ -285,7 +291,7 @@ def _launch(
     q_scale: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
     causal: bool, p_mode: str, qk_mode: int, qk_multiplier: float,
     compute_dtype: torch.dtype, out: torch.Tensor | None, return_lse: bool,
-    config: LaunchConfig | None,
+    config: LaunchConfig | None, q_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     batch, q_heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
@@ -297,7 +303,7 @@ def _launch(
     _attention_kernel[grid](
         q, k, v, q_scale, k_scale, v_scale, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        q_heads, kv_heads, q_heads // kv_heads, seq_q, seq_k, qk_multiplier,
+        q_heads, kv_heads, q_heads // kv_heads, seq_q, seq_k, qk_multiplier, q_offset,
         D=dim, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, CAUSAL=causal,
         QK_MODE=qk_mode, P_MODE=_MODE_IDS[p_mode], STORE_LSE=return_lse,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
@@ -331,9 +337,22 @@ def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 
 def _check(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p_mode: str, out: torch.Tensor | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    p_mode: str,
+    out: torch.Tensor | None,
+    causal: bool = False,
+    q_offset: int = 0,
 ) -> None:
     _check_tensors(q, k, v, out)
+    if q_offset and not causal:
+        raise KernelError("q_offset applies to causal attention only")
+    if q_offset < 0 or q_offset + q.shape[2] > k.shape[2]:
+        raise KernelError(
+            f"q_offset {q_offset}: queries {q_offset}..{q_offset + q.shape[2] - 1} must lie "
+            f"among the {k.shape[2]} keys"
+        )
     if p_mode not in P_MODES:
         raise KernelError(f"p_mode {p_mode!r} is not one of {', '.join(P_MODES)}")
     if q.device.type == "cpu" and not _interpreting():

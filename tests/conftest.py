@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -89,3 +90,33 @@ def snapshot(
 @pytest.fixture
 def two_quads() -> NodeShape:
     return _two_quads()
+
+
+# -- the bundled SmolLM2 GGUF, and transformers' load of it (the worker's test oracle) -------
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from tidal.inference_worker.weights.hf import WeightsError  # noqa: PLC0415
+    from tidal.inference_worker.weights.resolve import smollm2_gguf  # noqa: PLC0415
+
+    try:
+        return smollm2_gguf()
+    except WeightsError as error:
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_model(smollm2_path: Path) -> Any:
+    """transformers' model from the GGUF file (about 20 s on 2 cores, once per session)."""
+    import time  # noqa: PLC0415
+
+    import transformers  # noqa: PLC0415
+
+    start = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_path.parent), gguf_file=smollm2_path.name
+    )
+    print(f"\ntransformers GGUF model load: {time.perf_counter() - start:.1f} s")
+    model.eval()  # type: ignore[no-untyped-call]
+    return model

@@ -15,6 +15,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from tidal.devcluster.cli import app as dev_cluster_app
+from tidal.inference_worker.cli import app as worker_app
 from tidal.node_agent.cli import app as node_agent_app
 from tidal.operator.cli import app as operator_app
 from tidal.placement import (
@@ -54,6 +55,7 @@ app.add_typer(topo_app, name="topo")
 app.add_typer(dev_cluster_app, name="dev-cluster")
 app.add_typer(operator_app, name="operator")
 app.add_typer(node_agent_app, name="node-agent")
+app.add_typer(worker_app, name="worker")
 app.command("extender")(extender_command)
 app.command("scheduler-config")(scheduler_config_command)
 app.command("extender-rbac")(extender_rbac_command)

@@ -348,7 +348,7 @@ def _check(
     _check_tensors(q, k, v, out)
     if q_offset and not causal:
         raise KernelError("q_offset applies to causal attention only")
-    if q_offset < 0 or q_offset + q.shape[2] > k.shape[2]:
+    if causal and (q_offset < 0 or q_offset + q.shape[2] > k.shape[2]):
         raise KernelError(
             f"q_offset {q_offset}: queries {q_offset}..{q_offset + q.shape[2] - 1} must lie "
             f"among the {k.shape[2]} keys"

@@ -33,39 +33,13 @@ from tidal.inference_worker.model.llama import LlamaModel
 from tidal.inference_worker.model.spec import ModelSpec
 from tidal.inference_worker.parallel.comm import NoopComm
 from tidal.inference_worker.parallel.launch import launch
-from tidal.inference_worker.weights.source import DictSource
+from tidal.inference_worker.weights.source import random_source
 
 SPEC = ModelSpec(
     architecture="llama", vocab_size=1024, hidden_size=512, intermediate_size=1536, layers=8,
     heads=8, kv_heads=4, head_dim=64, rms_eps=1e-5, rope_theta=10000.0, max_position=4096,
     tie_embeddings=True,
 )  # fmt: skip
-
-
-def checkpoint(spec: ModelSpec) -> DictSource:
-    g = torch.Generator().manual_seed(0)
-    d, inner = spec.hidden_size, spec.intermediate_size
-    q_rows, kv_rows = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
-
-    def w(*shape: int) -> torch.Tensor:
-        weights: torch.Tensor = torch.randn(*shape, generator=g) / float(shape[-1]) ** 0.5
-        return weights
-
-    tensors = {"model.embed_tokens.weight": w(spec.vocab_size, d), "model.norm.weight": 1 + w(d)}
-    for i in range(spec.layers):
-        p = f"model.layers.{i}."
-        tensors |= {
-            p + "input_layernorm.weight": 1 + 0.1 * w(d),
-            p + "post_attention_layernorm.weight": 1 + 0.1 * w(d),
-            p + "self_attn.q_proj.weight": w(q_rows, d),
-            p + "self_attn.k_proj.weight": w(kv_rows, d),
-            p + "self_attn.v_proj.weight": w(kv_rows, d),
-            p + "self_attn.o_proj.weight": w(d, q_rows),
-            p + "mlp.gate_proj.weight": w(inner, d),
-            p + "mlp.up_proj.weight": w(inner, d),
-            p + "mlp.down_proj.weight": w(d, inner),
-        }
-    return DictSource(tensors)
 
 
 def _prefill_seconds(model: Any, ids: torch.Tensor, split: int | None) -> float:
@@ -92,10 +66,10 @@ def _one_length(real: Any, quiet: Any, tokens: int, split: int, repeats: int) ->
 
 
 def _rank(comm: Any, device: torch.device, lengths: list[int], repeats: int) -> dict[str, Any]:
-    source = checkpoint(SPEC)
+    source = random_source(SPEC)
     real = LlamaModel(SPEC, source, comm)
     quiet = LlamaModel(SPEC, source, NoopComm(comm.rank, comm.world))
-    costs = measure_costs(real, real.new_cache(512))
+    costs = measure_costs(real)
     rows = []
     with torch.inference_mode():
         for tokens in lengths:

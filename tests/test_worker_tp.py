@@ -15,7 +15,7 @@ from tidal.inference_worker.model.llama import LlamaModel
 from tidal.inference_worker.model.spec import ModelSpec
 from tidal.inference_worker.parallel.comm import LocalComm, RecordingComm
 from tidal.inference_worker.parallel.launch import launch
-from tidal.inference_worker.weights.source import DictSource
+from tidal.inference_worker.weights.source import DictSource, random_source
 
 SPEC = ModelSpec(
     architecture="llama", vocab_size=96, hidden_size=64, intermediate_size=96, layers=2,
@@ -26,37 +26,8 @@ TOKENS = 37
 SPLITS = (1, 16, TOKENS - 1)
 
 
-def random_checkpoint(spec: ModelSpec, seed: int = 0) -> DictSource:
-    """Every tensor of a Llama checkpoint, by Hugging Face name, random float64."""
-    g = torch.Generator().manual_seed(seed)
-    d, inner = spec.hidden_size, spec.intermediate_size
-    q_rows, kv_rows = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
-
-    def w(*shape: int) -> torch.Tensor:
-        weights: torch.Tensor = (
-            torch.randn(*shape, generator=g, dtype=torch.float64) / float(shape[-1]) ** 0.5
-        )
-        return weights
-
-    tensors = {
-        "model.embed_tokens.weight": w(spec.vocab_size, d),
-        "lm_head.weight": w(spec.vocab_size, d),
-        "model.norm.weight": 1 + 0.1 * w(d),
-    }
-    for i in range(spec.layers):
-        p = f"model.layers.{i}."
-        tensors |= {
-            p + "input_layernorm.weight": 1 + 0.1 * w(d),
-            p + "post_attention_layernorm.weight": 1 + 0.1 * w(d),
-            p + "self_attn.q_proj.weight": w(q_rows, d),
-            p + "self_attn.k_proj.weight": w(kv_rows, d),
-            p + "self_attn.v_proj.weight": w(kv_rows, d),
-            p + "self_attn.o_proj.weight": w(d, q_rows),
-            p + "mlp.gate_proj.weight": w(inner, d),
-            p + "mlp.up_proj.weight": w(inner, d),
-            p + "mlp.down_proj.weight": w(d, inner),
-        }
-    return DictSource(tensors)
+def random_checkpoint(spec: ModelSpec) -> DictSource:
+    return random_source(spec, seed=0, dtype=torch.float64)
 
 
 def prompt() -> torch.Tensor:

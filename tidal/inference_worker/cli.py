@@ -66,7 +66,7 @@ def run_job(comm: Any, device: Any, job: GenerateJob) -> dict[str, Any] | None:
         ids = tokenizer.encode_chat([{"role": "user", "content": job.prompt}])
     else:
         ids = tokenizer.encode(job.prompt)
-    costs = measure_costs(model, model.new_cache(256)) if job.iso and comm.world > 1 else None
+    costs = measure_costs(model) if job.iso and comm.world > 1 else None
     sampling = Sampling(job.max_tokens, job.temperature, job.top_p, job.top_k, job.seed)
     result = generate(model, ids, sampling, frozenset(tokenizer.eos_token_ids), costs=costs,
                       iso_min_tokens=job.iso_min_tokens)  # fmt: skip

@@ -88,10 +88,12 @@ def _seconds(run: Callable[[], object], repeats: int = 3) -> float:
     return best
 
 
-def measure_costs(model: Any, cache: Any, sizes: tuple[int, int] = (64, 256)) -> OpCosts:
+def measure_costs(model: Any, sizes: tuple[int, int] = (64, 256)) -> OpCosts:
     """Fit :class:`OpCosts` from the first layer's ops at two prompt sizes on this rank (and
-    the all-reduce over the real group): what the split chooser needs, measured at start-up."""
+    the all-reduce over the real group): what the split chooser needs, measured at start-up
+    (on a scratch KV cache)."""
     small, large = sizes
+    cache = model.new_cache(large)
     layer, comm = model.layers[0], model.comm
     hidden = model.spec.hidden_size
 

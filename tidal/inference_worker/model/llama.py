@@ -81,12 +81,22 @@ class Rope:
     def __init__(self, inv_freq: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
         self.inv_freq = inv_freq.to(device=device, dtype=_wide(dtype))  # [D/2]
         self.dtype = dtype
+        empty = torch.empty(0, inv_freq.shape[0] * 2, dtype=dtype, device=device)
+        self._cos, self._sin = empty, empty  # [positions computed so far, D]
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``[T, D]`` for ``positions`` ``[T]``."""
-        angles = positions.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        angles = torch.cat([angles, angles], dim=-1)  # [T, D]
-        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        """cos and sin ``[T, D]`` for ``positions`` ``[T]``: rows of a table computed once (and
+        grown when a longer position is asked), not per layer and step."""
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if needed > self._cos.shape[0]:
+            self._grow(max(needed, 2 * self._cos.shape[0], 256))
+        return self._cos[positions], self._sin[positions]
+
+    def _grow(self, length: int) -> None:
+        steps = torch.arange(length, device=self.inv_freq.device, dtype=self.inv_freq.dtype)
+        angles = steps[:, None] * self.inv_freq[None, :]  # [L, D/2]
+        angles = torch.cat([angles, angles], dim=-1)  # [L, D]
+        self._cos, self._sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,10 @@
 - :class:`RecordingComm`: wraps another and records the order in which all-reduces are issued
   and waited for (the ISO schedule's tests check it).
 - :class:`NoopComm`: pretends to be ``world`` ranks but moves nothing (compute-only timings).
+- :class:`ProxyComm`: one GPU pretending to be ``world`` ranks: an all-reduce becomes a copy of
+  the bytes a ring all-reduce moves, on a side stream (the copy engine), so the ISO schedule's
+  overlap can be timed on one GPU. The sum is not computed: results are meaningless, timings
+  are labelled "proxy".
 
 Every all-reduce sums in place and returns its tensor; a rank that issued an asynchronous one
 keeps the tensor alive and unread until it waited.
@@ -170,3 +174,40 @@ class _RecordedHandle:
     def wait(self) -> None:
         self.log.append(("wait", self.number))
         self.inner.wait()
+
+
+class ProxyComm(NoopComm):
+    """A same-GPU stand-in for ``world`` NCCL ranks (NCCL refuses two ranks on one GPU): each
+    all-reduce copies 2(p-1)/p of the tensor's bytes device to device on a side stream, and its
+    handle makes the compute stream wait for that copy, as ``work.wait()`` does for NCCL."""
+
+    def __init__(self, rank: int, world: int, device: torch.device) -> None:
+        super().__init__(rank, world)
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.all_reduce_async(tensor).wait()
+        return tensor
+
+    def all_reduce_async(self, tensor: torch.Tensor) -> Handle:
+        moved = max(1, tensor.numel() * 2 * (self.world - 1) // self.world)
+        flat = tensor.reshape(-1)
+        scratch = torch.empty(moved, dtype=tensor.dtype, device=tensor.device)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):  # device-to-device copies: the copy engine
+            for start in range(0, moved, flat.numel()):
+                size = min(flat.numel(), moved - start)
+                scratch[start : start + size].copy_(flat[:size], non_blocking=True)
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            done.record(self.stream)
+        return _StreamHandle(done, scratch)
+
+
+@dataclass
+class _StreamHandle:
+    event: Any  # torch.cuda.Event
+    keep: torch.Tensor  # alive until waited: the side stream still reads it
+
+    def wait(self) -> None:
+        torch.cuda.current_stream().wait_event(self.event)

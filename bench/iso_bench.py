@@ -65,7 +65,9 @@ def _one_length(real: Any, quiet: Any, tokens: int, split: int, repeats: int) ->
     return {"tokens": tokens, "split": split, **medians}
 
 
-def _rank(comm: Any, device: torch.device, lengths: list[int], repeats: int) -> dict[str, Any]:
+def _rank(
+    comm: Any, device: torch.device, lengths: list[int], repeats: int, half: bool
+) -> dict[str, Any]:
     source = random_source(SPEC)
     real = LlamaModel(SPEC, source, comm)
     quiet = LlamaModel(SPEC, source, NoopComm(comm.rank, comm.world))
@@ -74,7 +76,7 @@ def _rank(comm: Any, device: torch.device, lengths: list[int], repeats: int) -> 
     with torch.inference_mode():
         for tokens in lengths:
             choice = choose_split(costs, tokens, SPEC.layers, min_tokens=0)
-            split = comm.broadcast_object(choice.split or tokens // 2)
+            split = comm.broadcast_object(tokens // 2 if half else choice.split or tokens // 2)
             rows.append(_one_length(real, quiet, tokens, split, repeats))
     return {"rows": rows, "costs": costs.__dict__}
 
@@ -103,10 +105,15 @@ def main() -> int:
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--tokens", default="256,512,1024,2048")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--split", choices=("chooser", "half"), default="chooser",
+        help="the split chooser's point, or S/2",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     lengths = [int(t) for t in args.tokens.split(",")]
-    rank0 = launch(_rank, args.tp, lengths, args.repeats, timeout=3600)[0]
+    half = args.split == "half"
+    rank0 = launch(_rank, args.tp, lengths, args.repeats, half, timeout=3600)[0]
     print(f"ISO vs serial prefill, TP={args.tp} over gloo (CPU), toy Llama {SPEC.layers} "
           f"layers, d {SPEC.hidden_size}:\n")  # fmt: skip
     print("\n".join(_table(rank0["rows"])))
@@ -117,7 +124,9 @@ def main() -> int:
         "cores": os.cpu_count(),
         "cpu": platform.processor() or platform.machine(),
     }
-    (args.out / "iso_gloo.json").write_text(json.dumps({"machine": machine, **rank0}, indent=1))
+    (args.out / f"iso_gloo_{args.split}.json").write_text(
+        json.dumps({"machine": machine, **rank0}, indent=1)
+    )
     return 0
 
 

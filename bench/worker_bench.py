@@ -7,8 +7,7 @@ through `tidal.inference_worker` (the decoder `tidal worker generate` runs, SDPA
 through transformers' `generate` on its own GGUF load of the same file, interleaved prompt by
 prompt. Prefill tokens/s is prompt tokens over the time to the first token; decode tokens/s is
 the remaining tokens over the remaining time. llama.cpp through llama-cpp-python is not
-measured: it needs a C++ build from its sdist, which this machine's package index does not
-serve prebuilt.
+compared here: it ships only as an sdist that builds llama.cpp from C++ source.
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     """A JSON object from ``path``; WeightsError naming the file when missing or malformed."""
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise WeightsError(f"{what} {path} does not exist") from None
+    except FileNotFoundError as error:
+        raise WeightsError(f"{what} {path} does not exist") from error
     except OSError as e:
         raise WeightsError(f"cannot read {what} {path}: {e}") from e
     try:
@@ -211,8 +211,8 @@ class SafetensorsSource:
         if handle is None:
             try:
                 handle = safe_open(str(file), framework="pt")
-            except FileNotFoundError:
-                raise WeightsError(f"safetensors file {file} does not exist") from None
+            except FileNotFoundError as error:
+                raise WeightsError(f"safetensors file {file} does not exist") from error
             except Exception as e:  # SafetensorError: a truncated or garbled header
                 raise WeightsError(f"safetensors file {file} is corrupt or unreadable: {e}") from e
             self._handles[file] = handle

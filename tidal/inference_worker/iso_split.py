@@ -65,17 +65,36 @@ class SplitChoice:
 
 
 def choose_split(
-    costs: OpCosts, tokens: int, layers: int, *, block: int = 64, min_tokens: int = 256
+    costs: OpCosts,
+    tokens: int,
+    layers: int,
+    *,
+    block: int = 64,
+    min_tokens: int = 256,
+    tolerance: float = 0.005,
 ) -> SplitChoice:
     """The split point on a ``block`` grid that minimises :func:`iso_time`, or None when the
-    prompt is shorter than ``min_tokens`` or ISO would not beat serial prefill."""
+    prompt is shorter than ``min_tokens`` or ISO would not beat serial prefill. Splits within
+    ``tolerance`` of the best are equal to the model (its inputs are measured, so noisy): of
+    those, the one closest to equal compute per chunk wins, which leaves each chunk's
+    all-reduce the longest window of the other chunk's compute to hide in."""
     serial = serial_time(costs, tokens, layers)
     if tokens < max(min_tokens, 2):
         return SplitChoice(None, serial, serial)
-    candidates = range(block, tokens, block) if tokens > block else range(1, tokens)
-    best = min(candidates, key=lambda s: (iso_time(costs, tokens, s, layers), s))
-    iso = iso_time(costs, tokens, best, layers)
-    return SplitChoice(best if iso < serial else None, iso, serial)
+    candidates = list(range(block, tokens, block) if tokens > block else range(1, tokens))
+    times = {s: iso_time(costs, tokens, s, layers) for s in candidates}
+    best = min(times.values())
+    near = [s for s in candidates if times[s] <= best * (1 + tolerance)]
+    split = min(near, key=lambda s: (abs(_imbalance(costs, tokens, s)), s))
+    iso = times[split]
+    return SplitChoice(split if iso < serial else None, iso, serial)
+
+
+def _imbalance(costs: OpCosts, tokens: int, split: int) -> float:
+    """Chunk 0's compute minus chunk 1's (attention and MLP), in seconds."""
+    first = costs.attention(split, 0) + costs.mlp(split)
+    second = costs.attention(tokens - split, split) + costs.mlp(tokens - split)
+    return first - second
 
 
 def exposed_share_hidden(serial_s: float, iso_s: float, compute_s: float) -> float:

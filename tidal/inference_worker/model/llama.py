@@ -85,12 +85,15 @@ class Rope:
         self._cos, self._sin = empty, empty  # [positions computed so far, D]
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``[T, D]`` for ``positions`` ``[T]``: rows of a table computed once (and
-        grown when a longer position is asked), not per layer and step."""
-        needed = int(positions.max()) + 1 if positions.numel() else 0
-        if needed > self._cos.shape[0]:
-            self._grow(max(needed, 2 * self._cos.shape[0], 256))
+        """cos and sin ``[T, D]`` for ``positions`` ``[T]``: rows of the table :meth:`reserve`
+        computed (positions stay below the KV cache's length, which reserved them)."""
         return self._cos[positions], self._sin[positions]
+
+    def reserve(self, length: int) -> None:
+        """Make the table cover positions ``[0, length)`` (grown by doubling, computed once:
+        not per layer and step, and with no device sync on the hot path)."""
+        if length > self._cos.shape[0]:
+            self._grow(max(length, 2 * self._cos.shape[0], 256))
 
     def _grow(self, length: int) -> None:
         steps = torch.arange(length, device=self.inv_freq.device, dtype=self.inv_freq.dtype)
@@ -201,8 +204,8 @@ class LlamaModel:
         self.spec = spec
         self.comm = comm
         self.placement = Placement(dtype, torch.device(device))
-        rope = Rope(rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling), dtype,
-                    self.placement.device)  # fmt: skip
+        inv_freq = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling)
+        rope = self.rope = Rope(inv_freq, dtype, self.placement.device)
         self.embedding = VocabParallelEmbedding(
             source, "model.embed_tokens.weight", spec.vocab_size, comm, self.placement
         )
@@ -222,6 +225,7 @@ class LlamaModel:
 
     def new_cache(self, max_tokens: int) -> KVCache:
         """An empty cache for one sequence of up to ``max_tokens`` tokens, this rank's KV heads."""
+        self.rope.reserve(max_tokens)
         return KVCache(
             self.spec.layers, self.spec.kv_heads // self.comm.world, max_tokens,
             self.spec.head_dim, self.placement.dtype, self.placement.device,

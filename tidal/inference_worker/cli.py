@@ -82,7 +82,10 @@ def _run(job: GenerateJob, tp: int) -> dict[str, Any]:
         outcome = run_job(LocalComm(), "cpu", job)
     else:
         from tidal.inference_worker.parallel.launch import launch  # noqa: PLC0415
+        from tidal.inference_worker.weights.resolve import load_checkpoint  # noqa: PLC0415
 
+        # Refuse a bad model or TP here, with its message, not as a traceback from a rank.
+        load_checkpoint(job.model).spec.check_tensor_parallel(tp)
         outcome = launch(run_job, tp, job, timeout=3600)[0]
     assert outcome is not None
     return outcome
@@ -137,11 +140,16 @@ def generate_command(
     uri = str(_bundled()) if model == "smollm2" else model
     job = GenerateJob(uri, prompt, chat, max_tokens, temperature, top_p, top_k, seed, attention,
                       dtype, iso, int(os.environ.get("TIDAL_ISO_MIN_TOKENS", "256")))  # fmt: skip
+    from tidal.inference_worker.parallel.launch import RankError  # noqa: PLC0415
+
     try:
         outcome = _run(job, tp)
     except (SpecError, ValueError) as error:
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(2) from error
+    except RankError as error:  # the message carries the failing rank's traceback
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(1) from error
     generation = outcome["generation"]
     if as_json:
         summary = {"text": outcome["text"], "token_ids": generation.token_ids,

@@ -21,8 +21,6 @@ import argparse
 import http.client
 import json
 import multiprocessing
-import os
-import platform
 import resource
 import socket
 import statistics
@@ -33,6 +31,7 @@ from typing import Any
 
 import orjson
 
+from bench.environment import machine
 from bench.extender_http_bench import NoActions, filled_cache, pending_pods
 
 CONFIGS = ("unbounded", "tidal")
@@ -221,10 +220,9 @@ def main() -> int:
     for r in idles:
         print(f"| {r['config']} | {r['idle_opened']} | {r['calls_ok']} of {r['calls']} |")
     args.out.mkdir(parents=True, exist_ok=True)
-    machine = {"python": platform.python_version(), "cores": os.cpu_count(),
-               "cpu": platform.processor() or platform.machine()}  # fmt: skip
+    stamp = machine()
     (args.out / "extender_abuse.json").write_text(
-        json.dumps({"machine": machine, "flood": floods, "idle": idles}, indent=1)
+        json.dumps({"machine": stamp, "flood": floods, "idle": idles}, indent=1)
     )
     return 0
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any
 
 import torch
 
+from bench.environment import machine
 from tidal.inference_worker.iso import measure_costs, prefill_iso
 from tidal.inference_worker.iso_split import choose_split, exposed_share_hidden
 from tidal.inference_worker.model.llama import LlamaModel
@@ -118,14 +117,9 @@ def main() -> int:
           f"layers, d {SPEC.hidden_size}:\n")  # fmt: skip
     print("\n".join(_table(rank0["rows"])))
     args.out.mkdir(parents=True, exist_ok=True)
-    machine = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cores": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
-    }
+    stamp = machine()
     (args.out / f"iso_gloo_{args.split}.json").write_text(
-        json.dumps({"machine": machine, **rank0}, indent=1)
+        json.dumps({"machine": stamp, **rank0}, indent=1)
     )
     return 0
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from bench.environment import machine
 from tidal.inference_worker.generate import Sampling, generate
 from tidal.inference_worker.model.llama import LlamaModel
 from tidal.inference_worker.parallel.comm import LocalComm
@@ -103,14 +103,9 @@ def main() -> int:
         f"| tidal / transformers | {ratio['prefill_tok_s']:.2f}x | {ratio['decode_tok_s']:.2f}x |"
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    machine = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cores": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
-    }
+    stamp = machine()
     (args.out / "worker_cpu.json").write_text(
-        json.dumps({"machine": machine, "rows": rows, "ratio": ratio}, indent=1)
+        json.dumps({"machine": stamp, "rows": rows, "ratio": ratio}, indent=1)
     )
     return 0
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.environment import machine
 from tidal.inference_worker.iso import measure_costs, prefill_iso
 from tidal.inference_worker.iso_split import OpCosts, iso_time, serial_time
 from tidal.inference_worker.model.llama import LlamaModel
@@ -144,7 +144,7 @@ def main() -> int:
                     row for tp in (2, 4) for row in iso_rows(LLAMA_8B, tp, [2048, 4096], "cuda")
                 ],
             }
-    result["machine"] = {"python": platform.python_version(), "torch": torch.__version__}
+    result["machine"] = machine()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "worker_gpu.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

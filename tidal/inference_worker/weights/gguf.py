@@ -20,6 +20,7 @@ import torch
 from tidal.inference_worker.model.spec import ModelSpec, SpecError
 from tidal.inference_worker.tokenizer import GGUFVocab
 from tidal.inference_worker.weights.hf import MissingTensorError, WeightsError
+from tidal.inference_worker.weights.source import slice_tensor
 
 Q = gguf.GGMLQuantizationType
 
@@ -301,11 +302,7 @@ class GGUFSource:
         *,
         dtype: torch.dtype | None = torch.float32,
     ) -> torch.Tensor:
-        tensor = self.full(name)
-        if rows is not None:
-            tensor = tensor[rows]
-        if cols is not None:
-            tensor = tensor[:, cols]
+        tensor = slice_tensor(self.full(name), rows, cols)
         return tensor if dtype is None or dtype == tensor.dtype else tensor.to(dtype)
 
     def clear(self) -> None:

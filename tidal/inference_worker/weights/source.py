@@ -21,6 +21,15 @@ class TensorSource(Protocol):
         0 and ``cols`` of dimension 1 when given; KeyError naming it when absent."""
 
 
+def slice_tensor(tensor: torch.Tensor, rows: slice | None, cols: slice | None) -> torch.Tensor:
+    """``rows`` of dimension 0 and ``cols`` of dimension 1 of an in-memory tensor (views)."""
+    if rows is not None:
+        tensor = tensor[rows]
+    if cols is not None:
+        tensor = tensor[:, cols]
+    return tensor
+
+
 class DictSource:
     """Tensors already in memory (tests, and the converted cache), sliced on request."""
 
@@ -33,12 +42,7 @@ class DictSource:
     def get(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
         if name not in self.tensors:
             raise KeyError(f"the checkpoint has no tensor {name!r}")
-        tensor = self.tensors[name]
-        if rows is not None:
-            tensor = tensor[rows]
-        if cols is not None:
-            tensor = tensor[:, cols]
-        return tensor
+        return slice_tensor(self.tensors[name], rows, cols)
 
 
 def random_source(spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.float32) -> DictSource:

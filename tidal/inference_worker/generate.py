@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -41,7 +41,18 @@ class Sampling:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
-def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+class SamplingLike(Protocol):
+    """The fields :func:`sample` reads (:class:`Sampling` and the engine's SamplingParams)."""
+
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def top_k(self) -> int: ...
+
+
+def sample(logits: torch.Tensor, sampling: SamplingLike, generator: torch.Generator | None) -> int:
     """The next token from ``logits`` [vocab]: argmax at temperature 0, else top-k, then
     top-p (nucleus) filtering of the tempered distribution."""
     if sampling.temperature == 0:

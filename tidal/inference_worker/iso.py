@@ -49,20 +49,23 @@ class _Chunk:
             self.pending = None
 
 
-def prefill_iso(model: Any, ids: torch.Tensor, cache: Any, split: int) -> torch.Tensor:
-    """Hidden states [S, d] of ``ids`` [S] after every layer, chunks [0, split) and
-    [split, S), filling ``cache`` from position 0 like ``model.forward(ids, cache, 0)``."""
+def prefill_iso(
+    model: Any, ids: torch.Tensor, cache: Any, split: int, start: int = 0
+) -> torch.Tensor:
+    """Hidden states [S, d] of ``ids`` [S] at positions ``start ..`` after every layer, chunks
+    [0, split) and [split, S), filling ``cache`` like ``model.forward(ids, cache, start)`` (a
+    ``start`` > 0 continues a cached prefix)."""
     total = ids.shape[0]
     if not 0 < split < total:
         raise ValueError(f"ISO split {split} must lie strictly inside the prompt of {total} tokens")
     x = model.embed(ids)
-    first, second = _Chunk(x[:split], 0), _Chunk(x[split:], split)
+    first, second = _Chunk(x[:split], start), _Chunk(x[split:], start + split)
     comm = model.comm
     for index, layer in enumerate(model.layers):
         kv = cache[index]
-        first.issue(comm, layer.attention_partial(first.x, first.positions, kv, 0))
+        first.issue(comm, layer.attention_partial(first.x, first.positions, kv, start))
         second.settle()  # the previous layer's MLP sum of chunk 1
-        attended = layer.attention_partial(second.x, second.positions, kv, split)
+        attended = layer.attention_partial(second.x, second.positions, kv, start + split)
         first.settle()
         second.issue(comm, attended)
         mlp = layer.mlp_partial(first.x)

@@ -16,6 +16,7 @@ which the tests use as the oracle; this package never imports transformers.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch.nn import functional
@@ -35,6 +36,19 @@ from tidal.inference_worker.parallel.layers import (
     shard,
 )
 from tidal.inference_worker.weights.source import TensorSource
+
+
+class BatchAttention(Protocol):
+    """Packed tokens of several sequences and how to attend for them (the engine's paged
+    cache: :class:`tidal.inference_worker.engine.runner.PagedBatch`)."""
+
+    positions: torch.Tensor  # [T]
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str
+    ) -> torch.Tensor:
+        """Store k, v ``[KVl, T, D]`` of ``layer``; attention output ``[Hl, T, D]``."""
+        ...
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -165,18 +179,34 @@ class DecoderLayer:
         ``start .. start + T - 1`` (their k, v written to ``kv`` at ``[start, start + T)``,
         attending causally to ``kv[0, start + T)``), and this rank's partial o_proj
         ``[T, d]``, before the all-reduce."""
+        q, k, v = self._qkv(x, positions)
+        kv.write(start, k, v)
+        keys, values = kv.read(start + x.shape[0])  # [KVl, start + T, D]
+        return self._output(attend(q, keys, values, start, self.attention), x.dtype)
+
+    def attention_batch(self, x: torch.Tensor, batch: BatchAttention, layer: int) -> torch.Tensor:
+        """:meth:`attention_partial` for the tokens of many sequences packed along T: ``batch``
+        stores their keys and values in the paged cache and attends per sequence."""
+        q, k, v = self._qkv(x, batch.positions)
+        return self._output(batch.attend(layer, q, k, v, self.attention), x.dtype)
+
+    def _qkv(
+        self, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[Hl, T, D]``, k and v ``[KVl, T, D]`` of this rank's heads, RoPE applied."""
         t = x.shape[0]
         q, k, v = self.qkv(self.input_norm(x))  # [T, Hl·D], [T, KVl·D], [T, KVl·D]
-        q = q.view(t, self.heads, self.head_dim).transpose(0, 1)  # [Hl, T, D]
-        k = k.view(t, self.kv_heads, self.head_dim).transpose(0, 1)  # [KVl, T, D]
-        v = v.view(t, self.kv_heads, self.head_dim).transpose(0, 1)  # [KVl, T, D]
+        q = q.view(t, self.heads, self.head_dim).transpose(0, 1)
+        k = k.view(t, self.kv_heads, self.head_dim).transpose(0, 1)
+        v = v.view(t, self.kv_heads, self.head_dim).transpose(0, 1)
         cos, sin = self.rope.cos_sin(positions)  # [T, D]
-        q, k = Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
-        kv.write(start, k, v)
-        keys, values = kv.read(start + t)  # [KVl, start + T, D]
-        out = attend(q, keys, values, start, self.attention)  # [Hl, T, D]
-        out = out.to(x.dtype).transpose(0, 1).reshape(t, self.heads * self.head_dim)
-        return self.o_proj(out)  # [T, d] partial
+        return Rope.apply(q, cos, sin), Rope.apply(k, cos, sin), v
+
+    def _output(self, attended: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """This rank's partial o_proj ``[T, d]`` of the attention output ``[Hl, T, D]``."""
+        t = attended.shape[1]
+        out = attended.to(dtype).transpose(0, 1).reshape(t, self.heads * self.head_dim)
+        return self.o_proj(out)
 
     def mlp_partial(self, x: torch.Tensor) -> torch.Tensor:
         """post_attention_layernorm, SwiGLU on this rank's intermediate features, and the
@@ -249,6 +279,16 @@ class LlamaModel:
         positions = torch.arange(start, start + ids.shape[0], device=x.device)  # [T]
         for i, layer in enumerate(self.layers):
             x = x + self.comm.all_reduce(layer.attention_partial(x, positions, cache[i], start))
+            x = x + self.comm.all_reduce(layer.mlp_partial(x))
+        return x
+
+    @torch.inference_mode()
+    def forward_batch(self, ids: torch.Tensor, batch: BatchAttention) -> torch.Tensor:
+        """Hidden states ``[T, d]`` of the packed tokens ``ids`` ``[T]`` of several sequences
+        (continuous batching): every linear layer runs once over all of them."""
+        x = self.embed(ids)  # [T, d]
+        for i, layer in enumerate(self.layers):
+            x = x + self.comm.all_reduce(layer.attention_batch(x, batch, i))
             x = x + self.comm.all_reduce(layer.mlp_partial(x))
         return x
 

@@ -125,7 +125,7 @@ def _rank_main(
 ) -> None:
     """A rank's process: join the group, run ``fn``, send its result or traceback."""
     try:
-        comm, device = _init(rank, world, port, cuda, timeout)
+        comm, device = init_rank(rank, world, port, cuda, timeout)
         payload = pickle.dumps(fn(comm, device, *args))
         results.put((rank, True, payload))
     except BaseException:  # report anything, including SystemExit, with the traceback
@@ -135,7 +135,7 @@ def _rank_main(
             dist.destroy_process_group()
 
 
-def _init(
+def init_rank(
     rank: int, world: int, port: int, cuda: bool, timeout: float
 ) -> tuple[TorchComm, torch.device]:
     cores = os.cpu_count() or 1

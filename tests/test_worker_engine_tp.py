@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.test_worker_engine import CharTokenizer
 from tidal.inference_worker.engine.engine import EngineConfig, LLMEngine, follow
 from tidal.inference_worker.engine.params import SamplingParams
 from tidal.inference_worker.engine.runner import ModelRunner
@@ -19,7 +20,6 @@ from tidal.inference_worker.model.spec import ModelSpec
 from tidal.inference_worker.parallel.comm import LocalComm
 from tidal.inference_worker.parallel.launch import RankError, launch
 from tidal.inference_worker.weights.source import random_source
-from tests.test_worker_engine import CharTokenizer
 
 SPEC = ModelSpec("llama", 96, 128, 256, 2, 8, 4, 16, 1e-5, 10000.0, 512, False)
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)

@@ -205,7 +205,7 @@ def test_text_held_back_and_cut_at_stop_strings(
 class CharTokenizer:
     """Decodes ids as letters; eos 0."""
 
-    eos_token_ids = (0,)
+    eos_token_ids: tuple[int, ...] = (0,)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) % 60 + 1 for c in text]

@@ -427,6 +427,60 @@ def test_standalone_places_groups_on_aligned_gpus(tmp_path: Path) -> None:
         place(two_quads, DGX1, healthy=[0, 1, 2, 3, 4, 5, 7])
 
 
+def test_a_serve_entry_starts_a_real_tidal_worker_with_the_operators_env(tmp_path: Path) -> None:
+    serve = {"model": "hf://org/m", "port": 9000, "args": ["--max-batch=8"]}
+    entry = {"name": "chat", "gpus": 2, "replicas": 2, "serve": serve,
+             "env": {"TIDAL_DTYPE": "float16"}}  # fmt: skip
+    spec = parse_spec(spec_text([entry], tmp_path), "spec.yaml")
+    (worker,) = spec.workers
+    worker_cli = (sys.executable, "-m", "tidal", "worker", "serve")
+    assert worker.command_for(0) == (*worker_cli, "--port=9000", "--max-batch=8")
+    assert worker.command_for(1) == (*worker_cli, "--port=9001", "--max-batch=8")  # one machine
+    env = worker.env_for(1)
+    assert env == {
+        "TIDAL_MODEL_NAME": "chat", "TIDAL_MODEL_URI": "hf://org/m",
+        "TIDAL_DTYPE": "float16",  # the entry's env wins
+        "TIDAL_ATTENTION": "int8", "TIDAL_TENSOR_PARALLEL": "2", "TIDAL_WORKER_INDEX": "1",
+    }  # fmt: skip
+    supervisor = Supervisor(spec, DGX1, place(spec, DGX1, healthy=list(range(8))))
+    first = supervisor.workers[0].env
+    assert (first["TIDAL_WORKER_INDEX"], first["TIDAL_MODEL_URI"]) == ("0", "hf://org/m")
+    assert "TIDAL_GPU_IDS" in first  # and the device plugin's environment, as before
+
+
+def test_a_batch_entry_gets_its_shard_checkpoints_and_resume_point(tmp_path: Path) -> None:
+    batch = {"model": "file:///m", "input": "file:///in/", "output": "file:///out/",
+             "checkpointIntervalSeconds": 60, "resumeFrom": "file:///out/ckpt/3",
+             "modelName": "llama", "attention": "fp16"}  # fmt: skip
+    spec = parse_spec(
+        spec_text([{"name": "sum", "gpus": 1, "replicas": 3, "batch": batch}], tmp_path), "s"
+    )
+    (worker,) = spec.workers
+    assert worker.command_for(2) == (sys.executable, "-m", "tidal", "worker", "batch")
+    env = worker.env_for(2)
+    assert {k: env[k] for k in ("TIDAL_MODEL_NAME", "TIDAL_ATTENTION", "TIDAL_SHARD")} == {
+        "TIDAL_MODEL_NAME": "llama", "TIDAL_ATTENTION": "fp16", "TIDAL_SHARD": "2/3"
+    }  # fmt: skip
+    assert (env["TIDAL_INPUT_URI"], env["TIDAL_OUTPUT_URI"]) == ("file:///in/", "file:///out/")
+    assert (env["TIDAL_CHECKPOINT_INTERVAL_SECONDS"], env["TIDAL_ATTEMPT"]) == ("60", "1")
+    assert env["TIDAL_RESUME_FROM"] == "file:///out/ckpt/3"
+
+
+def test_a_tidal_worker_entry_says_which_field_is_wrong(tmp_path: Path) -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"command": ["x"], "serve": {"model": "hf://o/m"}}, "exactly one of command, serve"),
+        ({}, r"exactly one of command, serve and batch \(got none\)"),
+        ({"serve": {"port": 80}}, r"workers\[0\]\.serve\.model"),
+        ({"serve": {"model": "hf://o/m", "port": 70000}}, r"serve\.port"),
+        ({"serve": {"model": "hf://o/m", "args": "--x"}}, r"serve\.args"),
+        ({"batch": {"model": "hf://o/m", "output": "file:///o"}}, r"batch\.input"),
+        ({"batch": "hf://o/m"}, r"workers\[0\]\.batch: expected a mapping"),
+    ]
+    for entry, problem in cases:
+        with pytest.raises(SpecError, match=problem):
+            parse_spec(spec_text([{"name": "w", "gpus": 1, **entry}], tmp_path), "spec.yaml")
+
+
 def wait_for(condition: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -264,6 +264,145 @@ def test_the_job_succeeds_when_every_worker_has() -> None:
     assert plan.create == [] and plan.delete == []
 
 
+# -- how a worker's pod ends: preempted or failed -------------------------------------------
+def raw_worker_pod(phase: str, exit_code: int | None = None, **meta: Any) -> dict[str, Any]:
+    """Worker 0's first pod as the API returns it, evicted (a DisruptionTarget condition)."""
+    status: dict[str, Any] = {
+        "phase": phase,
+        "conditions": [
+            {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}
+        ],
+    }
+    if exit_code is not None:
+        terminated = {"exitCode": exit_code, "reason": "Error"}
+        status["containerStatuses"] = [{"name": "worker", "state": {"terminated": terminated}}]
+    return {
+        "metadata": {
+            "name": "job-0-1",
+            "uid": "w0a1",
+            "labels": {"tidal.dev/index": "0"},
+            "annotations": {"tidal.dev/attempt": "1", **meta.pop("annotations", {})},
+            **meta,
+        },
+        "spec": {"nodeName": "n1"},
+        "status": status,
+    }
+
+
+def test_a_worker_that_exits_143_after_its_eviction_is_preempted_not_failed() -> None:
+    job = parse_job(job_obj(1))
+    first = plan_job(job, [worker(0)], {}, NOW)
+    ended = observe_pod(raw_worker_pod("Failed", exit_code=143))
+    plan = plan_job(job, [ended], first.status, NOW)
+    assert (plan.status["preemptions"], plan.status["failed"]) == (1, 0)
+    assert [e.reason for e in plan.events] == ["Preempted"]
+    assert [p["metadata"]["name"] for p in plan.create] == ["job-0-2"]
+    # The same exit code without an eviction is the worker's own failure.
+    undisrupted = raw_worker_pod("Failed", exit_code=143)
+    undisrupted["status"]["conditions"] = []
+    failed = plan_job(job, [observe_pod(undisrupted)], first.status, NOW)
+    assert (failed.status["preemptions"], failed.status["failed"]) == (0, 1)
+
+
+def test_an_evicted_worker_resumes_from_the_checkpoint_it_wrote_in_its_grace_period() -> None:
+    """What the operator sees of an eviction, in order: the pod terminating and still running,
+    then Failed (exit 143) with the checkpoint its process wrote on SIGTERM, then gone."""
+    job = parse_job(job_obj(1))
+    status = plan_job(job, [worker(0)], {}, NOW).status
+    stamp: dict[str, Any] = {"deletionTimestamp": NOW}
+    terminating = observe_pod(raw_worker_pod("Running", **stamp))
+    plan = plan_job(job, [terminating], status, NOW)
+    assert plan.create == [] and plan.status["preemptions"] == 1
+    (event,) = plan.events
+    assert "resumes from the last checkpoint it reports before it stops" in event.message
+    note: dict[str, Any] = {"annotations": {"tidal.dev/checkpoint": "s3://out/ckpt/0/step-9"}}
+    stopped = observe_pod(raw_worker_pod("Failed", exit_code=143, **stamp, **note))
+    plan = plan_job(job, [stopped], plan.status, NOW)
+    assert plan.create == [] and plan.events == []  # counted once; its pod is not gone yet
+    plan = plan_job(job, [], plan.status, NOW, gone=[stopped])
+    (pod,) = plan.create
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["TIDAL_RESUME_FROM"] == "s3://out/ckpt/0/step-9"
+    assert (env["TIDAL_ATTEMPT"], plan.status["preemptions"], plan.status["failed"]) == ("2", 1, 0)
+
+
+# -- the workers' pods: identity, probes, model volume ---------------------------------------
+def container_of(pod: dict[str, Any]) -> dict[str, Any]:
+    container: dict[str, Any] = pod["spec"]["containers"][0]
+    return container
+
+
+def env_values(pod: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container_of(pod)["env"]}
+
+
+def test_every_worker_pod_runs_as_tidal_worker_with_its_token_mounted() -> None:
+    service_pod_ = plan_service(parse_service(service_obj(1)), [], {}, {}, NOW).create[0]
+    job_pod_ = plan_job(parse_job(job_obj(1)), [], {}, NOW).create[0]
+    for pod in (service_pod_, job_pod_):
+        assert pod["spec"]["serviceAccountName"] == "tidal-worker"
+        assert pod["spec"]["automountServiceAccountToken"] is True
+        env = env_values(pod)
+        assert env["TIDAL_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+        assert env["TIDAL_POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+        assert (env["TIDAL_MODEL_URI"], env["TIDAL_DTYPE"], env["TIDAL_ATTENTION"]) == (
+            "hf://org/m", "bfloat16", "int8"
+        )  # fmt: skip
+        assert "volumes" not in pod["spec"] and "volumeMounts" not in container_of(pod)
+
+
+def test_a_replica_is_probed_on_health_with_time_to_load_and_a_batch_worker_is_not() -> None:
+    pod = plan_service(parse_service(service_obj(1, port=8080)), [], {}, {}, NOW).create[0]
+    container = container_of(pod)
+    assert container["args"] == ["serve", "--port=8080"]
+    assert container["ports"] == [{"name": "http", "containerPort": 8080}]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 30 * 60  # a model loads
+    liveness = container["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 30
+    job = container_of(plan_job(parse_job(job_obj(1)), [], {}, NOW).create[0])
+    assert job["args"] == ["batch"]
+    assert not {"startupProbe", "livenessProbe", "readinessProbe", "ports"} & job.keys()
+
+
+def test_a_pvc_model_is_mounted_read_only_where_the_worker_resolves_it() -> None:
+    model = {"name": "m", "uri": "pvc://weights/llama/8b"}
+    for pod in (
+        plan_service(parse_service(service_obj(1, model=model)), [], {}, {}, NOW).create[0],
+        plan_job(parse_job(job_obj(1, model=model)), [], {}, NOW).create[0],
+    ):
+        assert pod["spec"]["volumes"] == [
+            {"name": "model", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}}
+        ]
+        assert container_of(pod)["volumeMounts"] == [
+            {"name": "model", "mountPath": "/models/weights", "readOnly": True}
+        ]
+        env = env_values(pod)
+        assert env["TIDAL_MODEL_URI"] == "pvc://weights/llama/8b"  # the worker resolves it
+        assert env["TIDAL_PVC_ROOT"] == "/models"
+        assert env["TIDAL_MODEL_PATH"] == "/models/weights/llama/8b"
+    root = plan_job(parse_job(job_obj(1, model={"name": "m", "uri": "pvc://w/"})), [], {}, NOW)
+    assert env_values(root.create[0])["TIDAL_MODEL_PATH"] == "/models/w"
+
+
+def test_a_pvc_model_must_name_a_claim_a_pod_can_mount() -> None:
+    from tidal.operator.spec import SpecError  # noqa: PLC0415
+
+    for uri in ("pvc://Weights/llama", "pvc:///llama", "pvc://we_ights/x"):
+        with pytest.raises(SpecError, match=r"spec\.model\.uri: .* is not a PersistentVolumeClaim"):
+            parse_job(job_obj(1, model={"name": "m", "uri": uri}))
+
+
+def test_the_workers_identity_is_ensured_in_the_namespace_before_its_pods() -> None:
+    kube = MemoryKube(job_obj(2))
+    Reconciler(kube).reconcile("LLMBatchJob", "ns", "job")
+    assert kube.identities == ["ns"]
+    Reconciler(kube).reconcile("LLMBatchJob", "ns", "job")  # nothing to create: no call
+    assert kube.identities == ["ns"]
+
+
 # -- the reconciler against an in-memory API --------------------------------------------------
 class MemoryKube:
     """Objects and pods in dictionaries; the apiserver's name uniqueness included."""
@@ -275,6 +414,7 @@ class MemoryKube:
         self.fail_creates_after: int | None = None
         self.deleted: list[tuple[str, int | None]] = []
         self.writes: list[tuple[str, Any]] = []  # every write, in order
+        self.identities: list[str] = []  # namespaces the workers' identity was ensured in
 
     def get_object(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         obj = self.objects.get((kind, name))
@@ -299,6 +439,9 @@ class MemoryKube:
 
     def namespace_pods(self, namespace: str) -> list[dict[str, Any]]:
         return [copy.deepcopy(p) for p in self.pods.values()]
+
+    def ensure_worker_identity(self, namespace: str) -> None:
+        self.identities.append(namespace)
 
     def create_pod(self, pod: dict[str, Any]) -> bool:
         if self.fail_creates_after is not None:
@@ -484,6 +627,68 @@ def test_operator_manifests_cli_binds_its_role_to_its_service_account() -> None:
     assert account["metadata"]["namespace"] == "ops"
     assert binding["roleRef"]["name"] == "tidal-operator"
     assert ("ClusterRole", "tidal-operator") in objects
+    assert ("ClusterRole", "tidal-worker") in objects
+    assert ("ValidatingAdmissionPolicy", "tidal-worker-own-pod") in objects
+    assert ("ValidatingAdmissionPolicyBinding", "tidal-worker-own-pod") in objects
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "tidal-operator", "namespace": "ops"}
     ]
+
+
+def test_the_workers_may_patch_pods_and_the_operator_may_only_bind_that_role() -> None:
+    from tidal.operator.manifests import (  # noqa: PLC0415
+        manifests,
+        operator_cluster_role,
+        worker_identity,
+    )
+
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in manifests()}
+    assert objects["ClusterRole", "tidal-worker"]["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}
+    ]
+    account, binding = worker_identity("team-a")
+    assert (account["kind"], account["metadata"]) == (
+        "ServiceAccount",
+        {"name": "tidal-worker", "namespace": "team-a", "labels": account["metadata"]["labels"]},
+    )
+    assert binding["kind"] == "RoleBinding" and binding["metadata"]["namespace"] == "team-a"
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "tidal-worker"
+    }  # fmt: skip
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "tidal-worker", "namespace": "team-a"}
+    ]
+    rules = operator_cluster_role()["rules"]
+    pods = next(r for r in rules if r["resources"] == ["pods"])
+    assert "patch" not in pods["verbs"]  # it binds the workers' role without holding it
+    assert {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"],
+            "verbs": ["bind"], "resourceNames": ["tidal-worker"]} in rules  # fmt: skip
+    for resource in ("serviceaccounts", "rolebindings"):
+        (rule,) = [r for r in rules if r["resources"] == [resource]]
+        assert rule["verbs"] == ["create"]
+
+
+def test_the_worker_policy_matches_tidal_worker_accounts_and_guards_its_own_pod() -> None:
+    from tidal.operator.manifests import manifests  # noqa: PLC0415
+
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in manifests()}
+    policy = objects["ValidatingAdmissionPolicy", "tidal-worker-own-pod"]
+    binding = objects["ValidatingAdmissionPolicyBinding", "tidal-worker-own-pod"]
+    assert binding["spec"] == {"policyName": "tidal-worker-own-pod", "validationActions": ["Deny"]}
+    spec = policy["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    (rule,) = spec["matchConstraints"]["resourceRules"]
+    assert (rule["operations"], rule["resources"]) == (["UPDATE"], ["pods", "pods/*"])
+    (who,) = spec["matchConditions"]
+    assert "startsWith('system:serviceaccount:')" in who["expression"]
+    assert "endsWith(':tidal-worker')" in who["expression"]
+    expressions = " ".join(v["expression"] for v in spec["variables"] + spec["validations"])
+    for needle in (
+        "authentication.kubernetes.io/pod-name",
+        "authentication.kubernetes.io/pod-uid",
+        "!has(request.subResource) || request.subResource == ''",
+        "object.spec == oldObject.spec",
+        "'tidal.dev/checkpoint'",
+    ):
+        assert needle in expressions
+    assert all(v.get("message") or v.get("messageExpression") for v in spec["validations"])

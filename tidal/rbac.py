@@ -44,3 +44,17 @@ def cluster_role(name: str, labels: dict[str, str], rules: list[dict[str, Any]])
         "metadata": {"name": name, "labels": dict(labels)},
         "rules": rules,
     }
+
+
+def role_binding(
+    name: str, namespace: str, labels: dict[str, str], cluster_role: str, account: str
+) -> dict[str, Any]:
+    """Binds ClusterRole ``cluster_role`` to ServiceAccount ``namespace/account`` in
+    ``namespace`` only: one role defined once, granted namespace by namespace."""
+    return {
+        "apiVersion": f"{RBAC_GROUP}/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+        "roleRef": {"apiGroup": RBAC_GROUP, "kind": "ClusterRole", "name": cluster_role},
+        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
+    }

@@ -217,14 +217,20 @@ class LocalCluster:
         configuration.connection_pool_maxsize = pool_size
         return client.ApiClient(configuration)
 
-    def service_account_kubeconfig(self, namespace: str, name: str, path: Path) -> Path:
+    def service_account_kubeconfig(
+        self, namespace: str, name: str, path: Path, bound_pod: dict[str, str] | None = None
+    ) -> Path:
         """Write a kubeconfig that authenticates as ServiceAccount ``namespace/name`` with a
         bound token (TokenRequest API, valid a day), so a component runs with exactly its
-        RBAC."""
+        RBAC. ``bound_pod`` ({"name", "uid"}) binds the token to that pod, as the kubelet's
+        projected token is: it carries the pod's name and uid, and dies with the pod."""
         from kubernetes import client  # noqa: PLC0415
 
         core = client.CoreV1Api(self.api_client())
-        request = {"spec": {"expirationSeconds": 86400}}
+        spec: dict[str, Any] = {"expirationSeconds": 86400}
+        if bound_pod is not None:
+            spec["boundObjectRef"] = {"apiVersion": "v1", "kind": "Pod", **bound_pod}
+        request = {"spec": spec}
         token = core.create_namespaced_service_account_token(name, namespace, request).status.token
         config = yaml.safe_load(self.kubeconfig.read_text())
         user = f"{namespace}-{name}"
@@ -233,6 +239,16 @@ class LocalCluster:
             context["context"]["user"] = user
         path.write_text(yaml.safe_dump(config))
         return path
+
+    def pod_kubeconfig(self, namespace: str, pod: str, path: Path) -> Path:
+        """Write a kubeconfig with the credentials a kubelet would mount into pod
+        ``namespace/pod``: a token of the pod's ServiceAccount bound to the pod."""
+        from kubernetes import client  # noqa: PLC0415
+
+        found = client.CoreV1Api(self.api_client()).read_namespaced_pod(pod, namespace)
+        account = found.spec.service_account_name or "default"
+        bound = {"name": pod, "uid": found.metadata.uid}
+        return self.service_account_kubeconfig(namespace, account, path, bound_pod=bound)
 
     def create_objects(self, objects: Iterable[dict[str, Any]]) -> None:
         """Create namespaces, ServiceAccounts and RBAC objects; existing ones are kept."""

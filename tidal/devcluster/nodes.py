@@ -10,6 +10,9 @@ from tidal.topology import load_preset
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 KWOK_SELECTOR = f"{KWOK_ANNOTATION}=fake"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+# On a pod whose kubelet is played elsewhere (e2e/pod_process.py): KWOK's pod stages leave it
+# alone (kwok-stages.yaml).
+KWOK_EXTERNAL_ANNOTATION = api.PREFIX + "kwok-external"
 # Host memory per GPU on the fake nodes; real GPU servers carry 1–2 TiB for 8 GPUs.
 _HOST_MEMORY_GIB_PER_GPU = 128
 

@@ -14,6 +14,37 @@ Spec file (YAML)::
         command: [python, -m, my.server, --port, "8000"]
         env: {MODEL: /models/llama}  # optional
         restart: on-failure         # always | on-failure | never (default on-failure)
+
+A worker runs ``command``, or instead a real tidal worker, started as the operator's pods start
+it: ``serve`` or ``batch`` (exactly one of the three) expands to ``python -m tidal worker serve
+--port=<port> <args>`` / ``... worker batch <args>`` with the same ``TIDAL_*`` environment an
+LLMService replica / LLMBatchJob worker gets (``tidal.api.worker_env`` and ``batch_env``;
+TIDAL_TENSOR_PARALLEL is ``gpus``, TIDAL_WORKER_INDEX the replica). ``env`` is applied last,
+so it can override any of it::
+
+      - name: chat
+        gpus: 4
+        replicas: 2
+        serve:
+          model: hf://meta-llama/Llama-3.1-70B-Instruct   # required: the model URI
+          modelName: llama-70b      # optional; default the worker's name
+          port: 8000                # optional, default 8000; replica r listens on port + r
+          dtype: bfloat16           # optional, default bfloat16
+          attention: int8           # optional, default int8
+          args: []                  # optional: appended to the command line
+      - name: summarise
+        gpus: 2
+        replicas: 2                 # replica r takes shard r/2 of the input
+        batch:
+          model: file:///models/llama-8b
+          input: file:///data/docs/
+          output: file:///data/summaries/
+          checkpointIntervalSeconds: 600   # optional, default 600
+          resumeFrom: ""            # optional: a checkpoint to start from
+          # modelName, dtype, attention and args as for serve
+
+Without Kubernetes nobody records a batch worker's checkpoints: a restarted one starts again
+from ``resumeFrom``, as attempt 1.
 """
 
 from __future__ import annotations
@@ -24,15 +55,17 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
 import yaml
 
+from tidal import api
 from tidal.node_agent.allocation import container_env
 from tidal.node_agent.publish import Discovery
 from tidal.placement import (
@@ -49,6 +82,10 @@ from tidal.topology import Tier, bits
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?$")
 RESTART_POLICIES = ("always", "on-failure", "never")
+# `tidal worker` with this interpreter: the node agent's own installation has the worker.
+WORKER_ENTRYPOINT = (sys.executable, "-m", "tidal", "worker")
+DEFAULT_PORT = 8000
+DEFAULT_CHECKPOINT_INTERVAL_S = 600
 
 
 class SpecError(ValueError):
@@ -60,15 +97,62 @@ class PlacementError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class TidalWorker:
+    """A real ``tidal worker serve|batch``, with the command line and environment the
+    operator's pods give it."""
+
+    kind: str  # api.WORKER_SERVE | api.WORKER_BATCH
+    model_uri: str
+    model_name: str
+    dtype: str = api.DEFAULT_DTYPE
+    attention: str = api.DEFAULT_ATTENTION
+    args: tuple[str, ...] = ()
+    port: int = DEFAULT_PORT  # serve: of replica 0
+    input_uri: str = ""  # batch
+    output_uri: str = ""
+    checkpoint_interval_s: int = DEFAULT_CHECKPOINT_INTERVAL_S
+    resume_from: str = ""
+
+    def command(self, replica: int) -> tuple[str, ...]:
+        """Replicas share the machine, so each server listens on a port of its own."""
+        if self.kind == api.WORKER_SERVE:
+            return (*WORKER_ENTRYPOINT, *api.serve_args(self.port + replica, self.args))
+        return (*WORKER_ENTRYPOINT, *api.batch_args(self.args))
+
+    def env(self, replica: int, replicas: int, gpus: int) -> dict[str, str]:
+        env = api.worker_env(
+            model_name=self.model_name, model_uri=self.model_uri, dtype=self.dtype,
+            attention=self.attention, tensor_parallel=gpus, index=replica,
+        )  # fmt: skip
+        if self.kind == api.WORKER_BATCH:
+            env |= api.batch_env(
+                input_uri=self.input_uri, output_uri=self.output_uri, index=replica,
+                parallelism=replicas, checkpoint_interval_s=self.checkpoint_interval_s,
+                resume_from=self.resume_from, attempt=1,
+            )  # fmt: skip
+        return env
+
+
+@dataclass(frozen=True)
 class WorkerSpec:
     name: str
     gpus: int
-    command: tuple[str, ...]
+    command: tuple[str, ...]  # empty when ``tidal`` says what to run
     replicas: int = 1
     mode: TopologyMode = TopologyMode.BEST_EFFORT
     tier: Tier = Tier.NVLINK
     env: Mapping[str, str] = field(default_factory=dict)
     restart: str = "on-failure"
+    tidal: TidalWorker | None = None
+
+    def command_for(self, replica: int) -> tuple[str, ...]:
+        return self.tidal.command(replica) if self.tidal else self.command
+
+    def env_for(self, replica: int) -> dict[str, str]:
+        """The worker's own environment for ``replica``: a tidal worker's TIDAL_*, then
+        ``env`` (which wins)."""
+        base = self.tidal.env(replica, self.replicas, self.gpus) if self.tidal else {}
+        return {**base, **self.env}
 
 
 @dataclass(frozen=True)
@@ -111,9 +195,7 @@ def _worker(data: object, where: str, has_nvswitch: bool) -> WorkerSpec:
     for key, value in (("gpus", gpus), ("replicas", replicas)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise SpecError(f"{where}.{key}: expected an integer >= 1, got {value!r}")
-    command = data.get("command")
-    if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
-        raise SpecError(f"{where}.command: expected a non-empty list of strings")
+    command, tidal = _what_to_run(data, where, name)
     env = data.get("env") or {}
     if not isinstance(env, dict):
         raise SpecError(f"{where}.env: expected a mapping of names to strings")
@@ -123,8 +205,62 @@ def _worker(data: object, where: str, has_nvswitch: bool) -> WorkerSpec:
     assert isinstance(gpus, int) and isinstance(replicas, int)
     mode, tier = _topology(data.get("topology"), where, gpus, has_nvswitch)
     return WorkerSpec(
-        name, gpus, tuple(command), replicas, mode, tier,
-        {str(k): str(v) for k, v in env.items()}, str(restart),
+        name, gpus, command, replicas, mode, tier,
+        {str(k): str(v) for k, v in env.items()}, str(restart), tidal,
+    )  # fmt: skip
+
+
+def _what_to_run(
+    data: Mapping[str, object], where: str, name: str
+) -> tuple[tuple[str, ...], TidalWorker | None]:
+    """(command, tidal worker): exactly one of command, serve and batch."""
+    given = [key for key in ("command", api.WORKER_SERVE, api.WORKER_BATCH) if key in data]
+    if len(given) != 1:
+        raise SpecError(f"{where}: give exactly one of command, serve and batch (got "
+                        f"{', '.join(given) or 'none'})")  # fmt: skip
+    if given[0] != "command":
+        return (), _tidal_worker(data[given[0]], f"{where}.{given[0]}", given[0], name)
+    command = data["command"]
+    if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
+        raise SpecError(f"{where}.command: expected a non-empty list of strings")
+    return tuple(command), None
+
+
+def _text(data: Mapping[str, object], key: str, where: str, default: str | None = None) -> str:
+    value = data.get(key, default)
+    if not isinstance(value, str) or (default is None and not value):
+        raise SpecError(f"{where}.{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _number(data: Mapping[str, object], key: str, where: str, default: int, low: int) -> int:
+    value = data.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise SpecError(f"{where}.{key}: expected an integer >= {low}, got {value!r}")
+    return value
+
+
+def _tidal_worker(data: object, where: str, kind: str, name: str) -> TidalWorker:
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: expected a mapping with at least 'model'")
+    args = data.get("args") or []
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise SpecError(f"{where}.args: expected a list of strings")
+    common = TidalWorker(
+        kind, _text(data, "model", where), _text(data, "modelName", where, name),
+        _text(data, "dtype", where, api.DEFAULT_DTYPE),
+        _text(data, "attention", where, api.DEFAULT_ATTENTION), tuple(args),
+    )  # fmt: skip
+    if kind == api.WORKER_SERVE:
+        port = _number(data, "port", where, DEFAULT_PORT, 1)
+        if port > 65535:
+            raise SpecError(f"{where}.port: expected a port 1..65535, got {port}")
+        return replace(common, port=port)
+    interval = "checkpointIntervalSeconds"
+    return replace(
+        common, input_uri=_text(data, "input", where), output_uri=_text(data, "output", where),
+        checkpoint_interval_s=_number(data, interval, where, DEFAULT_CHECKPOINT_INTERVAL_S, 1),
+        resume_from=_text(data, "resumeFrom", where, ""),
     )  # fmt: skip
 
 
@@ -227,7 +363,7 @@ class Supervisor:
                     **container_env(facts, topo, shape, slot.gpus),
                     "TIDAL_WORKER_NAME": slot.name,
                     "TIDAL_REPLICA": str(slot.replica),
-                    **slot.worker.env,
+                    **slot.worker.env_for(slot.replica),
                 },
                 spec.log_dir / f"{slot.name}.log",
             )
@@ -284,7 +420,7 @@ class Supervisor:
         worker.log_file.flush()
         try:
             worker.process = subprocess.Popen(
-                list(worker.slot.worker.command),
+                list(worker.slot.worker.command_for(worker.slot.replica)),
                 env={**os.environ, **worker.env},
                 stdout=worker.log_file,
                 stderr=subprocess.STDOUT,

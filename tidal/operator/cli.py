@@ -86,7 +86,8 @@ def run_command(
 def install_command(
     kubeconfig: Kubeconfig = None, allowed_priority_classes: AllowedPriorityClasses = ""
 ) -> None:
-    """Apply the CRDs, the PriorityClasses and the operator's ClusterRole (server-side apply)."""
+    """Apply the CRDs, the PriorityClasses, the operator's and the workers' ClusterRoles and
+    the workers' admission policy (server-side apply)."""
     from tidal.kubeclient import api_client  # noqa: PLC0415
     from tidal.operator.crds import parse_priority_classes  # noqa: PLC0415
     from tidal.operator.kube import install  # noqa: PLC0415
@@ -103,8 +104,9 @@ def manifests_command(
     ] = "tidal-system",
     allowed_priority_classes: AllowedPriorityClasses = "",
 ) -> None:
-    """Print the CRDs, PriorityClasses, the operator's ClusterRole, ServiceAccount and binding
-    as YAML (for kubectl apply or a chart)."""
+    """Print the CRDs, PriorityClasses, the operator's ClusterRole, ServiceAccount and binding,
+    the workers' ClusterRole and admission policy as YAML (for kubectl apply or a chart); the
+    operator creates the workers' ServiceAccount and RoleBinding in each namespace itself."""
     from tidal.operator.crds import parse_priority_classes  # noqa: PLC0415
     from tidal.operator.manifests import manifests, operator_identity  # noqa: PLC0415
 

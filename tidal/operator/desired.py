@@ -520,6 +520,9 @@ def _count_end(worker: Worker, pod: ObservedPod) -> tuple[Worker, Event | None]:
     # Preempted, evicted, deleted or lost with its node: not the job's fault, so no backoff
     # is used up.
     where = f" from {checkpoint}" if checkpoint else " from the start"
+    if pod.terminating and not pod.lost and pod.phase in ("Pending", "Running"):
+        # Still in its grace period: the checkpoint it writes now is the one it resumes from.
+        where = " from the last checkpoint it reports before it stops"
     if pod.lost:
         reason, what = "NodeLost", f"lost with its node {pod.node}"
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -11,7 +12,7 @@ from kubernetes import client
 
 from tidal import api
 from tidal.kubeclient import KubeApiError, call, discard, read_json
-from tidal.operator.manifests import manifests
+from tidal.operator.manifests import manifests, worker_identity
 
 log = logging.getLogger(__name__)
 PLURALS = {
@@ -37,6 +38,7 @@ class OperatorKube:
         self.api = kube_api
         self.core = client.CoreV1Api(kube_api)
         self.custom = client.CustomObjectsApi(kube_api)
+        self.rbac = client.RbacAuthorizationV1Api(kube_api)
 
     def _call(self, what: str, action: Callable[[], Any], ok: Iterable[int] = ()) -> Any:
         """``call``, with the statuses in ``ok`` (such as 404 for a read) answered None."""
@@ -79,6 +81,23 @@ class OperatorKube:
                 {"spec": {"replicas": replicas}},
             ),
         )
+
+    # -- the workers' identity -----------------------------------------------------------
+    def ensure_worker_identity(self, namespace: str) -> None:
+        """Create the workers' ServiceAccount and RoleBinding in ``namespace``; existing ones
+        (a 409) are kept as they are."""
+        creators: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "ServiceAccount": lambda body: self.core.create_namespaced_service_account(
+                namespace, body, _preload_content=False
+            ),
+            "RoleBinding": lambda body: self.rbac.create_namespaced_role_binding(
+                namespace, body, _preload_content=False
+            ),
+        }
+        for obj in worker_identity(namespace):
+            kind, name = obj["kind"], obj["metadata"]["name"]
+            create = functools.partial(creators[kind], obj)
+            discard(self._call(f"create {kind} {namespace}/{name}", create, ok=(409,)))
 
     # -- pods ---------------------------------------------------------------------------------
     def owned_pods(self, label: str, namespace: str, name: str) -> list[dict[str, Any]]:
@@ -167,7 +186,8 @@ def install(
     timeout_s: float = 60.0,
     extra_priority_classes: tuple[str, ...] = (),
 ) -> list[str]:
-    """Create or update the CRDs, PriorityClasses and the operator's ClusterRole; wait until
+    """Create or update the CRDs, PriorityClasses, the operator's and the workers' ClusterRoles
+    and the workers' admission policy with its binding; wait until
     the CRDs are established. Returns what was applied, as "Kind/name".
     ``extra_priority_classes`` widen the CRDs' priorityClassName enum (the operator must be
     run with the same list)."""
@@ -196,12 +216,15 @@ def _established(crd: Any) -> bool:
 def _apply(kube_api: client.ApiClient, manifest: dict[str, Any]) -> None:
     """Server-side apply, so re-running an install updates what changed and nothing else."""
     kind, name = manifest["kind"], manifest["metadata"]["name"]
+    admission = client.AdmissionregistrationV1Api(kube_api)
     patchers: dict[str, Callable[..., Any]] = {
         "CustomResourceDefinition": client.ApiextensionsV1Api(
             kube_api
         ).patch_custom_resource_definition,
         "PriorityClass": client.SchedulingV1Api(kube_api).patch_priority_class,
         "ClusterRole": client.RbacAuthorizationV1Api(kube_api).patch_cluster_role,
+        "ValidatingAdmissionPolicy": admission.patch_validating_admission_policy,
+        "ValidatingAdmissionPolicyBinding": admission.patch_validating_admission_policy_binding,
     }
     response = call(
         f"apply {kind}/{name}",

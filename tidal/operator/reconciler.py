@@ -65,6 +65,8 @@ class Kube(Protocol):
 
     def namespace_pods(self, namespace: str) -> list[dict[str, Any]]: ...
 
+    def ensure_worker_identity(self, namespace: str) -> None: ...
+
     def create_pod(self, pod: dict[str, Any]) -> bool: ...
 
     def delete_pod(self, namespace: str, name: str, grace_s: int | None = None) -> None: ...
@@ -288,7 +290,8 @@ class Reconciler:
         return _controlled(pods, obj["kind"], meta.get("uid", ""))
 
     def _apply(self, obj: dict[str, Any], desired: DesiredState) -> None:
-        """Make ``desired`` true: scale, delete pods, create pods, write status, post Events."""
+        """Make ``desired`` true: scale, delete pods, create pods (the workers' identity in
+        their namespace first), write status, post Events."""
         meta = obj["metadata"]
         if desired.replicas is not None:
             self.kube.set_replicas(meta["namespace"], meta["name"], desired.replicas)
@@ -297,6 +300,10 @@ class Reconciler:
         for pod_name in dict.fromkeys(desired.delete):
             if pod_name not in desired.force_delete:
                 self.kube.delete_pod(meta["namespace"], pod_name)
+        if desired.create:
+            # Every reconcile that creates pods, not once per namespace: a ServiceAccount
+            # deleted meanwhile would make every later worker pod a refused create.
+            self.kube.ensure_worker_identity(meta["namespace"])
         for pod in desired.create:
             self._create(obj, pod, desired)
         # An idle object's plan repeats its status: skip the write (and the watch event every

@@ -32,6 +32,8 @@ from tidal.operator.crds import (
 _RESERVED_KEY = re.compile(RESERVED_KEY_PATTERN)
 _QUANTITY = re.compile(QUANTITY_PATTERN)
 _LABEL_VALUE = re.compile(LABEL_VALUE_PATTERN)
+# A PersistentVolumeClaim's name: a DNS-1123 subdomain (the pod's volume refers to it).
+_CLAIM_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 class SpecError(ValueError):
@@ -95,6 +97,19 @@ def controller_of(pod: Mapping[str, Any]) -> tuple[str, str, str] | None:
         if ref.get("controller") and ref.get("apiVersion") == api.API_VERSION:
             return str(ref.get("kind", "")), str(ref.get("name", "")), str(ref.get("uid", ""))
     return None
+
+
+def check_model_uri(uri: str) -> str:
+    """The model URI, if its pod can be built: a pvc:// URI must name a claim the pod can
+    mount (the CRD checks the scheme and the path's segments, not the claim's name)."""
+    claim = api.model_claim(uri)
+    if claim is not None and (len(claim[0]) > 253 or _CLAIM_NAME.match(claim[0]) is None):
+        raise SpecError(
+            "spec.model.uri",
+            f"{claim[0]!r} is not a PersistentVolumeClaim name (pvc://<claim>/<path>, the claim "
+            "in lowercase letters, digits, '-' and '.')",
+        )
+    return uri
 
 
 def check_time_zone(name: str) -> str:
@@ -230,9 +245,9 @@ def _workload(obj: Mapping[str, Any], kind: str, mode: str, extra: tuple[str, ..
         uid=meta.get("uid", ""),
         generation=int(meta.get("generation", 0)),
         model_name=model["name"],
-        model_uri=model["uri"],
-        dtype=model.get("dtype", "bfloat16"),
-        attention=model.get("attention", "int8"),
+        model_uri=check_model_uri(model["uri"]),
+        dtype=model.get("dtype", api.DEFAULT_DTYPE),
+        attention=model.get("attention", api.DEFAULT_ATTENTION),
         tensor_parallel=int(spec.get("tensorParallel", 1)),
         priority_class=_priority_class(kind, spec.get("priorityClassName"), extra),
         cpu=check_quantity("spec.resources.cpu", resources.get("cpu", "4")),

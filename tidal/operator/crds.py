@@ -127,7 +127,7 @@ MODEL = _obj(
     {
         "name": _str(minLength=1, maxLength=253, description="Served model name (OpenAI API)."),
         "uri": _uri("Weights in Hugging Face layout: hf://org/name, s3://…, pvc://claim/path."),
-        "dtype": _str(enum=["bfloat16", "float16", "int8"], default=api.DEFAULT_DTYPE),
+        "dtype": _str(enum=["bfloat16", "float16", "float32", "int8"], default=api.DEFAULT_DTYPE),
         "attention": _str(
             enum=["int8", "fp16"],
             default=api.DEFAULT_ATTENTION,

@@ -4,16 +4,18 @@ one-sequence greedy decode (a random tiny Llama: fast; SmolLM2 in test_worker_sm
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 from typing import Any
 
 import pytest
 import torch
 
 from tidal.inference_worker.engine.blocks import BlockPool, OutOfBlocksError, block_hashes
-from tidal.inference_worker.engine.engine import EngineConfig, LLMEngine
+from tidal.inference_worker.engine.engine import AsyncEngine, EngineConfig, LLMEngine
 from tidal.inference_worker.engine.output import next_text
-from tidal.inference_worker.engine.params import SamplingParams
+from tidal.inference_worker.engine.params import EngineDeadError, RequestOutput, SamplingParams
 from tidal.inference_worker.engine.runner import ModelRunner
 from tidal.inference_worker.engine.scheduler import Scheduler, SchedulerConfig
 from tidal.inference_worker.engine.sequence import Sequence, Status
@@ -329,3 +331,58 @@ def test_a_prompt_at_max_model_len_is_refused(model: LlamaModel) -> None:
 def test_a_cache_smaller_than_max_model_len_is_refused_with_the_knobs_to_turn() -> None:
     with pytest.raises(ValueError, match="--kv-cache-memory"):
         EngineConfig(max_model_len=100, num_blocks=3, block_size=16)
+
+
+# ---------------------------------------------------------------------- the asyncio bridge
+
+
+def test_a_caller_that_leaves_aborts_its_request_and_frees_its_blocks(model: LlamaModel) -> None:
+    engine = engine_for(model, 64, 256)
+    client = AsyncEngine("m", 64, CharTokenizer())
+    client.attach(engine)
+    long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+    async def leave_after_one() -> RequestOutput:
+        stream = client.generate("gone", [1, 2, 3, 4, 5], long)
+        first = await anext(stream)
+        await stream.aclose()  # what a client disconnect does to the server's iterator
+        return first
+
+    try:
+        first = asyncio.run(leave_after_one())
+        assert not first.finished
+        deadline = time.monotonic() + 10
+        while engine.requests or engine.pool.num_free != 64:
+            assert time.monotonic() < deadline, "the aborted request kept its blocks"
+            time.sleep(0.01)
+
+        async def whole() -> list[RequestOutput]:
+            return [o async for o in client.generate("next", [1, 2, 3], GREEDY)]
+
+        outputs = asyncio.run(whole())  # the engine goes on serving others
+        assert outputs[-1].finished and outputs[-1].completion_tokens == 8
+    finally:
+        client.shutdown()
+
+
+def test_a_dead_engine_loop_fails_every_stream_and_refuses_new_ones(model: LlamaModel) -> None:
+    engine = engine_for(model, 64, 256)
+    client = AsyncEngine("m", 64, CharTokenizer())
+    deaths: list[BaseException] = []
+    client.on_death = deaths.append
+
+    def broken_step() -> list[RequestOutput]:
+        raise RuntimeError("rank 1 is gone")
+
+    engine.step = broken_step  # type: ignore[method-assign]
+    client.attach(engine)
+
+    async def ask() -> None:
+        async for _ in client.generate("a", [1, 2, 3], GREEDY):
+            pass
+
+    with pytest.raises(EngineDeadError, match="rank 1 is gone"):
+        asyncio.run(ask())
+    assert not client.is_ready() and len(deaths) == 1
+    with pytest.raises(EngineDeadError):
+        asyncio.run(ask())

@@ -230,3 +230,35 @@ def test_batch_sigterm_checkpoints_exits_143_and_resume_equals_an_uninterrupted_
 
 def choices(line: dict[str, Any]) -> Any:
     return line["response"]["body"]["choices"]
+
+
+# ---------------------------------------------------------------------- standalone
+
+
+def test_the_standalone_launcher_starts_a_real_server_on_its_gpus(
+    smollm2_path: Path, tmp_path: Path
+) -> None:
+    """``tidal node-agent standalone`` with a ``serve:`` entry: a real ``tidal worker serve``,
+    launched with the device plugin's environment, answers and stops with the launcher."""
+    import yaml  # noqa: PLC0415
+
+    port = free_port()
+    spec = tmp_path / "spec.yaml"
+    worker = {"name": "chat", "gpus": 1, "env": {"CUDA_VISIBLE_DEVICES": ""},
+              "serve": {"model": f"file://{smollm2_path}", "modelName": "smol", "port": port,
+                        "dtype": "float32", "attention": "fp16", "args": ENGINE_FLAGS}}  # fmt: skip
+    spec.write_text(yaml.safe_dump({"logDir": str(tmp_path / "logs"), "workers": [worker]}))
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "tidal", "node-agent", "standalone", "--spec", str(spec),
+         "--fake", "dgx1-v100"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", launcher)  # type: ignore[arg-type]
+        assert chat(f"http://127.0.0.1:{port}", QUESTIONS[0])["model"] == "smol"
+    finally:
+        launcher.terminate()
+        _, stderr = launcher.communicate(timeout=60)
+    assert launcher.returncode == 0, stderr
+    log = (tmp_path / "logs" / "chat-0.log").read_text()
+    assert "ready: serving smol" in log and "exit 0" in log  # it drained and exited cleanly

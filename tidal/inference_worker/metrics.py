@@ -50,9 +50,7 @@ class WorkerMetrics:
         self.kv_usage = gauge("tidal_kv_cache_usage_perc", "KV cache usage (1 = 100%).")
         self._prompt_tokens = counter("tidal_prompt_tokens", "Prefill tokens processed.")
         self._generation_tokens = counter("tidal_generation_tokens", "Tokens generated.")
-        self._success = counter(
-            "tidal_request_success", "Finished requests.", ("finished_reason",)
-        )
+        self._success = counter("tidal_request_success", "Finished requests.", ("finished_reason",))
         self._preemptions = counter("tidal_num_preemptions", "Sequences preempted (recompute).")
         self._prefix_queries = counter("tidal_prefix_cache_queries", "Prompt tokens looked up.")
         self._prefix_hits = counter("tidal_prefix_cache_hits", "Prompt tokens found cached.")
@@ -81,9 +79,7 @@ class WorkerMetrics:
         self.allreduce = histogram(
             "tidal_allreduce_seconds", "All-reduce time (rank 0).", ALLREDUCE_BUCKETS
         )
-        self._batch_records = counter(
-            "tidal_batch_records", "Batch records written.", ("status",)
-        )
+        self._batch_records = counter("tidal_batch_records", "Batch records written.", ("status",))
         self._batch_checkpoints = counter("tidal_batch_checkpoints", "Checkpoints written.")
         for name in ("running", "waiting", "kv_usage", "ttft", "itl", "e2e", "queue_time",
                      "prefill_time", "decode_time", "iteration_tokens", "allreduce"):  # fmt: skip

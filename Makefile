@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo report test lint typecheck contracts unit e2e-binaries bench bench-k8s dev-cluster protos clean
+.PHONY: setup demo report test lint typecheck contracts unit e2e-binaries bench bench-k8s dev-cluster protos chart clean
 
 $(BIN)/tidal: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ contracts: setup
 PROTO := tidal/node_agent/deviceplugin/v1beta1/api.proto
 protos: setup
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)
+
+# The Helm chart's generated parts (charts/tidal: Chart.yaml, values.schema.json, the README's
+# values table, the CRDs, PriorityClasses, ClusterRole rules and the workers' admission policy)
+# from the Python that defines them; tests/test_chart.py fails when they are stale.
+chart: setup
+	$(BIN)/tidal chart generate --chart-dir charts/tidal
 
 # The real control plane's binaries, built from Go modules into ~/.cache/tidal/k8s (cold: ~15
 # min on 2 cores; cached: seconds).

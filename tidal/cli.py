@@ -51,7 +51,14 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 topo_app = typer.Typer(help="Inspect GPU topology presets.", no_args_is_help=True)
+chart_app = typer.Typer(
+    help="The Helm chart's generated parts (CRDs, ClusterRole rules, admission policy, "
+    "PriorityClasses, Chart.yaml, values.schema.json, the README's values table), from the "
+    "Python that defines them.",
+    no_args_is_help=True,
+)
 app.add_typer(topo_app, name="topo")
+app.add_typer(chart_app, name="chart")
 app.add_typer(dev_cluster_app, name="dev-cluster")
 app.add_typer(operator_app, name="operator")
 app.add_typer(node_agent_app, name="node-agent")
@@ -344,6 +351,36 @@ def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value)
+
+
+ChartDir = Annotated[
+    Path,
+    typer.Option(help="The chart's directory.", file_okay=False),
+]
+
+
+@chart_app.command("generate")
+def chart_generate(chart_dir: ChartDir = Path("charts/tidal")) -> None:
+    """Write the chart's generated files that changed (what `make chart` runs)."""
+    from tidal.chartgen import write_files  # noqa: PLC0415
+
+    changed = write_files(chart_dir, on_write=typer.echo)
+    if not changed:
+        typer.echo(f"{chart_dir}: generated files are current")
+
+
+@chart_app.command("check")
+def chart_check(chart_dir: ChartDir = Path("charts/tidal")) -> None:
+    """Exit 1 naming the generated files that are stale (regenerate with `make chart`)."""
+    from tidal.chartgen import stale_files  # noqa: PLC0415
+
+    stale = stale_files(chart_dir)
+    for path in stale:
+        typer.secho(f"stale: {chart_dir / path}", fg="red", err=True)
+    if stale:
+        typer.echo("run `make chart` to regenerate them", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{chart_dir}: generated files are current")
 
 
 if __name__ == "__main__":  # pragma: no cover

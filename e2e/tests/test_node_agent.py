@@ -214,7 +214,7 @@ def test_agents_publish_gputopology_with_owner_labels_and_heartbeat(
     assert "agent-cube" in table and "dgx1-v100" in table and "agent-odd" in table
     agent, _ = agents["agent-cube"]
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics").read()
-    assert b'tidal_gpu_healthy{gpu="7"} 1.0' in metrics
+    assert b'tidal_gpu_healthy{gpu="7",node="agent-cube"} 1.0' in metrics
 
 
 def extender_count(cluster: LocalCluster, kind: str) -> int:

@@ -50,7 +50,7 @@ class NodeAgent:
             options.node, options.fake, options.fixture, options.fake_health
         )
         self.discovery = Discovery.of(options.node, self.backend.facts())
-        self.metrics = AgentMetrics()
+        self.metrics = AgentMetrics(options.node)
         self.metrics.describe(self.discovery.facts)
         self.api = api_client(options.kubeconfig)
         self.publisher = Publisher(self.api)

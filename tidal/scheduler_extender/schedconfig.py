@@ -3,14 +3,25 @@
 managed resource, TLS to reach it, and `percentageOfNodesToScore: 100` (otherwise the extender
 never sees most nodes of a large cluster). Used by the local control plane, by `tidal
 scheduler-config`, and by the Helm chart.
+
+The local control plane's kube-scheduler is the cluster's only one, so it serves both profiles
+and keeps its lease in kube-system. The chart's runs beside the cluster's own: it must serve
+only `tidal-scheduler` (``profiles=SECOND_SCHEDULER``; `extenders` apply to every profile, so a
+`default-scheduler` profile there would be a second default scheduler calling tidal's extender)
+and keeps its lease in the release's namespace (``lease_namespace``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tidal.api import GPU_RESOURCE, SCHEDULER_NAME
+
+DEFAULT_SCHEDULER = "default-scheduler"
+BOTH_PROFILES = (DEFAULT_SCHEDULER, SCHEDULER_NAME)  # the cluster's only kube-scheduler
+SECOND_SCHEDULER = (SCHEDULER_NAME,)  # a kube-scheduler beside the cluster's own (the chart)
 
 
 @dataclass(frozen=True)
@@ -71,9 +82,20 @@ def scheduler_configuration(
     kubeconfig: str | None = None,
     qps: int = 5000,
     leader_elect: bool = False,
+    profiles: Sequence[str] = BOTH_PROFILES,
+    lease_namespace: str = "kube-system",
+    percentage_of_nodes_to_score: int = 100,
 ) -> dict[str, Any]:
     """The configuration object; ``kubeconfig`` None means in-cluster credentials. Client QPS
-    is raised because client-go's defaults (50/100) cap scheduling throughput."""
+    is raised because client-go's defaults (50/100) cap scheduling throughput. ``profiles``
+    are the scheduler names served (each a profile of in-tree defaults); the leader-election
+    lease, named ``tidal-scheduler``, lives in ``lease_namespace``."""
+    if not profiles:
+        raise ValueError("a scheduler configuration needs at least one profile")
+    if not 0 <= percentage_of_nodes_to_score <= 100:
+        raise ValueError(
+            f"percentageOfNodesToScore {percentage_of_nodes_to_score} is not within 0..100"
+        )
     connection: dict[str, Any] = {"qps": qps, "burst": qps * 2}
     if kubeconfig is not None:
         connection["kubeconfig"] = kubeconfig
@@ -82,12 +104,12 @@ def scheduler_configuration(
         "kind": "KubeSchedulerConfiguration",
         "clientConnection": connection,
         "leaderElection": {"leaderElect": leader_elect},
-        "percentageOfNodesToScore": 100,
-        "profiles": [{"schedulerName": "default-scheduler"}, {"schedulerName": SCHEDULER_NAME}],
+        "percentageOfNodesToScore": percentage_of_nodes_to_score,
+        "profiles": [{"schedulerName": name} for name in profiles],
     }
     if leader_elect:
         config["leaderElection"]["resourceName"] = SCHEDULER_NAME
-        config["leaderElection"]["resourceNamespace"] = "kube-system"
+        config["leaderElection"]["resourceNamespace"] = lease_namespace
     if extender is not None:
         config["extenders"] = [extender.as_config()]
     return config

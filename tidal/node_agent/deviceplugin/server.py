@@ -62,7 +62,7 @@ class GpuDevicePlugin(rpc.DevicePluginServicer):
     ) -> None:
         self.discovery = discovery
         self.pods = pods
-        self.metrics = metrics or AgentMetrics()
+        self.metrics = metrics or AgentMetrics(discovery.node)
         facts = discovery.facts
         self.index_of = {g.uuid: g.index for g in facts.gpus}
         self._health = {g.index: True for g in facts.gpus}
@@ -157,12 +157,12 @@ class GpuDevicePlugin(rpc.DevicePluginServicer):
                     owner = match_allocation(gpus, waiting, self._allocated)
                 except AllocationError as error:
                     log.error("Allocate refused: %s", error)
-                    self.metrics.allocations.labels("refused").inc()
+                    self.metrics.allocation("refused")
                     context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
                 if owner is not None:
                     self._allocated.add(owner.uid)
             who = owner.key if owner else "a pod scheduled without tidal"
-            self.metrics.allocations.labels("tidal" if owner else "untracked").inc()
+            self.metrics.allocation("tidal" if owner else "untracked")
             log.info("allocating GPUs %s to %s", gpus, who)
             responses.append(self._container_response(gpus))
         return api.AllocateResponse(container_responses=responses)

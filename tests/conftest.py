@@ -107,6 +107,23 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def checkpoint(smollm2_path: Path) -> Any:
+    """tidal's own load of the bundled SmolLM2 (the converted cache makes it fast)."""
+    from tidal.inference_worker.weights.resolve import load_checkpoint  # noqa: PLC0415
+
+    return load_checkpoint(str(smollm2_path))
+
+
+@pytest.fixture(scope="session")
+def model(checkpoint: Any) -> Any:
+    """tidal's decoder over SmolLM2, one rank (the tests' one-sequence reference)."""
+    from tidal.inference_worker.model.llama import LlamaModel  # noqa: PLC0415
+    from tidal.inference_worker.parallel.comm import LocalComm  # noqa: PLC0415
+
+    return LlamaModel(checkpoint.spec, checkpoint.source, LocalComm())
+
+
+@pytest.fixture(scope="session")
 def hf_smollm2_model(smollm2_path: Path) -> Any:
     """transformers' model from the GGUF file (about 20 s on 2 cores, once per session)."""
     import time  # noqa: PLC0415

@@ -24,9 +24,8 @@ import pytest
 import torch
 
 from tidal.inference_worker.model.llama import LlamaModel
-from tidal.inference_worker.parallel.comm import LocalComm
 from tidal.inference_worker.parallel.launch import free_port
-from tidal.inference_worker.weights.resolve import Checkpoint, load_checkpoint
+from tidal.inference_worker.weights.resolve import Checkpoint
 
 TIDAL = [sys.executable, "-m", "tidal.cli", "worker"]
 ENGINE_FLAGS = ["--max-model-len", "1024", "--kv-cache-memory", "256MiB"]
@@ -38,16 +37,6 @@ QUESTIONS = [
     "Name a planet.",
     "Say hello in Spanish.",
 ]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(smollm2_path: Path) -> Checkpoint:
-    return load_checkpoint(str(smollm2_path))
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint: Checkpoint) -> LlamaModel:
-    return LlamaModel(checkpoint.spec, checkpoint.source, LocalComm())
 
 
 def greedy_text(model: LlamaModel, checkpoint: Checkpoint, question: str, tokens: int) -> str:

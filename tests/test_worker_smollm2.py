@@ -26,16 +26,6 @@ from tidal.inference_worker.weights.resolve import Checkpoint, load_checkpoint
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(smollm2_path: Path) -> Checkpoint:
-    return load_checkpoint(str(smollm2_path))
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint: Checkpoint) -> LlamaModel:
-    return LlamaModel(checkpoint.spec, checkpoint.source, LocalComm())
-
-
 def test_logits_and_greedy_tokens_equal_transformers(
     checkpoint: Checkpoint, model: LlamaModel, hf_smollm2_model: Any
 ) -> None:

@@ -29,10 +29,10 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from e2e.helpers import binaries_or_skip, fresh_namespace, wait_for
+from e2e.helpers import fresh_namespace, running_cluster, wait_for
 from e2e.pod_process import PodProcess
 from tidal import api
-from tidal.devcluster import ClusterOptions, LocalCluster
+from tidal.devcluster import LocalCluster
 from tidal.devcluster.nodes import node_names
 from tidal.inference_worker.parallel.launch import free_port
 from tidal.inference_worker.weights.resolve import smollm2_gguf
@@ -45,21 +45,10 @@ NO_GPUS = {"CUDA_VISIBLE_DEVICES": ""}  # the device plugin's Allocate environme
 
 @pytest.fixture(scope="module")
 def wk_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    local = LocalCluster(
-        ClusterOptions(
-            workdir=tmp_path_factory.mktemp("worker-cluster"),
-            controller_manager=True,
-            run_extender=True,
-            run_operator=True,
-        ),
-        binaries_or_skip(),
-    )
-    try:
-        local.start()
-        local.wait_nodes_ready(local.add_gpu_nodes(NODES))
-        yield local
-    finally:
-        local.stop()
+    yield from running_cluster(
+        tmp_path_factory.mktemp("worker-cluster"), NODES,
+        controller_manager=True, run_extender=True, run_operator=True,
+    )  # fmt: skip
 
 
 @pytest.fixture

@@ -808,7 +808,6 @@ def test_schema_refuses_naming_the_path(sets: tuple[str, ...], path: str) -> Non
         ((), "default", (), "needs a namespace at Pod Security level privileged"),
         (("podDisruptionBudget.enabled=true",), NAMESPACE, (), "operator.replicas 1"),
         (("operator.replicas=2", "operator.namespaces={a}"), NAMESPACE, (), "namespaced peerings"),
-        (("dashboards.enabled=true",), NAMESPACE, (), "no dashboards/*.json yet"),
         (("scheduler.extender.metricsPort=8888",), NAMESPACE, (), "must differ"),
     ],
 )

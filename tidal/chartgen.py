@@ -3,7 +3,8 @@ chart cannot drift from what the components are: the CRDs (``tidal.operator.crds
 peering CRD, the PriorityClasses, every ClusterRole's rules (``*/manifests.py``), the workers'
 ValidatingAdmissionPolicy and its binding, ``Chart.yaml`` (appVersion is the package's),
 ``values.schema.json`` (``values_schema``) and the values table of the chart's README (from
-values.yaml's ``# --`` comments, helm-docs' convention).
+values.yaml's ``# --`` comments, helm-docs' convention), and the Grafana dashboard
+``dashboards/tidal-pool.json`` (``tidal.dashboards``).
 
 Each generated template is the object as YAML (``yaml.safe_dump``) under a header saying it
 is generated, wrapped in the ``{{- if ... }}`` guard of its toggle; only ``metadata`` is
@@ -28,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from tidal import __version__
+from tidal import __version__, dashboards
 from tidal.node_agent import manifests as agent
 from tidal.operator import manifests as operator
 from tidal.operator.crds import (
@@ -155,6 +156,7 @@ def generated_files(chart: Path) -> dict[str, str]:
     }
     for template in templates():
         files[template.path] = render_template(template)
+    files.update(dashboards.files())
     values = (chart / "values.yaml").read_text()
     files["README.md"] = readme((chart / "README.md").read_text(), values)
     return files
@@ -418,6 +420,7 @@ def _operator_schema() -> dict[str, Any]:
             "allowedPriorityClasses": classes,
             "logLevel": {"enum": LOG_LEVELS},
             "healthPort": _port("Liveness port."),
+            "metricsPort": _port("/metrics port."),
             "priorityClassName": _priority_class("The operator's PriorityClass."),
             "resources": _resources(),
             **_security("operator"),

@@ -58,6 +58,16 @@ def run_command(
     ] = False,
     log_level: Annotated[str, typer.Option(envvar="TIDAL_OPERATOR_LOG_LEVEL")] = "info",
     allowed_priority_classes: AllowedPriorityClasses = "",
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            envvar="TIDAL_OPERATOR_METRICS_PORT",
+            min=0,
+            max=65535,
+            help="Serve Prometheus /metrics (tidal_llmservice_*, tidal_llmbatchjob_*, "
+            "tidal_batch_goodput_*) on this port, every address; 0: none.",
+        ),
+    ] = 9403,  # tidal.operator.metrics.DEFAULT_PORT (not imported: the CLI starts light)
 ) -> None:
     """Reconcile LLMService and LLMBatchJob objects until interrupted."""
     from tidal.operator.crds import parse_priority_classes  # noqa: PLC0415
@@ -78,6 +88,7 @@ def run_command(
             peering=peering,
             install=install_crds,
             extra_priority_classes=parse_priority_classes(allowed_priority_classes),
+            metrics_port=metrics_port,
         )
     )
 

@@ -34,6 +34,7 @@ from tidal.operator.desired import (
     schedule_step,
     scheduled,
 )
+from tidal.operator.metrics import OperatorMetrics
 from tidal.operator.spec import (
     ObservedPod,
     SpecError,
@@ -114,12 +115,14 @@ class Reconciler:
         on_event: EventSink = lambda _o, _e: None,
         extra_priority_classes: tuple[str, ...] = (),
         monotonic: Callable[[], float] = time.monotonic,
+        metrics: OperatorMetrics | None = None,
     ) -> None:
         self.kube = kube
         self.clock = clock
         self.on_event = on_event
         self.extra_priority_classes = extra_priority_classes
         self.monotonic = monotonic
+        self.metrics = metrics or OperatorMetrics()
         self._resynced: dict[tuple[str, str, str], float] = {}
         self._lost_nodes: dict[str, float] = {}  # deleted node -> when (monotonic)
         self._locks: defaultdict[tuple[str, str, str], threading.Lock] = defaultdict(threading.Lock)
@@ -144,6 +147,7 @@ class Reconciler:
         with self._lock(kind, namespace, name):
             obj = self.kube.get_object(kind, namespace, name)
             if obj is None or obj["metadata"].get("deletionTimestamp"):
+                self.metrics.forget(kind, namespace, name)
                 return None
             if refused(obj) and not retry_refused:
                 self._resynced[(kind, namespace, name)] = self.monotonic()  # nothing to resync
@@ -230,9 +234,12 @@ class Reconciler:
         status, now = _status(obj), self.clock()
         step = schedule_step(service, now, status)
         pods = self._observe(self._pods(obj))
-        free = self._free_gpus(pods, scheduled(service, step).desired_replicas())
+        replicas = scheduled(service, step).desired_replicas()
+        free = self._free_gpus(pods, replicas)
         desired = plan_service(service, pods, free, status, _stamp(now), gone, step)
         self._apply(obj, desired)
+        workload = service.workload
+        self.metrics.service(workload.namespace, workload.name, replicas, desired.status)
         return desired
 
     def _job(self, obj: dict[str, Any], gone: list[ObservedPod]) -> DesiredState:
@@ -242,6 +249,16 @@ class Reconciler:
         pods = self._observe(self._pods(obj))
         desired = plan_job(job, pods, status, _stamp(now), gone)
         self._apply(obj, desired)
+        workload = job.workload
+        self.metrics.job(
+            workload.namespace,
+            workload.name,
+            workload.tensor_parallel,
+            pods,
+            gone,
+            desired.status,
+            now.timestamp(),
+        )
         return desired
 
     def _free_gpus(self, pods: list[ObservedPod], replicas: int) -> dict[str, int]:
@@ -345,6 +362,7 @@ class Reconciler:
         controller reference among the namespace's pods instead."""
         with self._lock(kind, namespace, name):
             self._resynced.pop((kind, namespace, name), None)
+            self.metrics.forget(kind, namespace, name)
             if label_value_ok(name):
                 pods = self.kube.owned_pods(OWNER_LABELS[kind], namespace, name)
             else:

@@ -13,6 +13,7 @@ from kubernetes import client
 from tidal.kubeclient import api_client
 from tidal.operator.handlers import post_event, register
 from tidal.operator.kube import OperatorKube, install
+from tidal.operator.metrics import DEFAULT_PORT, OperatorMetrics, serve_metrics
 from tidal.operator.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class OperatorOptions:
     install: bool = False  # apply CRDs, PriorityClasses, ClusterRole first
     # PriorityClasses allowed beyond tidal's own (TIDAL_OPERATOR_ALLOWED_PRIORITY_CLASSES)
     extra_priority_classes: tuple[str, ...] = ()
+    metrics_port: int = DEFAULT_PORT  # /metrics on every address; 0: none
 
 
 def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
@@ -64,10 +66,15 @@ def run_operator(options: OperatorOptions) -> None:
     if options.install:
         for applied in install(api, extra_priority_classes=options.extra_priority_classes):
             log.info("applied %s", applied)
+    metrics = OperatorMetrics()
+    if options.metrics_port:
+        serve_metrics(metrics, options.metrics_port)
+        log.info("serving /metrics on port %d", options.metrics_port)
     reconciler = Reconciler(
         OperatorKube(api),
         on_event=post_event,
         extra_priority_classes=options.extra_priority_classes,
+        metrics=metrics,
     )
     kopf.run(
         registry=build_registry(reconciler, api),

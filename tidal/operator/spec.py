@@ -10,6 +10,7 @@ naming the field.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import re
@@ -341,6 +342,10 @@ class ObservedPod:
     spec_hash: str = ""
     attempt: int = 0
     checkpoint: str = ""
+    # When its first container started, and when its last one finished (None while any
+    # runs): its running time, for the goodput metric. Epoch seconds.
+    started_at: float | None = None
+    finished_at: float | None = None
 
     @property
     def bound(self) -> bool:
@@ -359,6 +364,34 @@ def _condition(status: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None
     return None
 
 
+def _epoch(stamp: object) -> float | None:
+    """An RFC 3339 time as epoch seconds; None when absent or unreadable."""
+    if not isinstance(stamp, str) or not stamp:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def _running_time(status: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    """(when the first container started, when the last one finished, None while any has
+    not) from the pod's container statuses."""
+    started: list[float] = []
+    finished: list[float] = []
+    statuses = status.get("containerStatuses") or ()
+    for container in statuses:
+        state = container.get("state") or {}
+        phase = state.get("terminated") or state.get("running") or {}
+        if (begun := _epoch(phase.get("startedAt"))) is not None:
+            started.append(begun)
+        if (ended := _epoch((state.get("terminated") or {}).get("finishedAt"))) is not None:
+            finished.append(ended)
+    done = bool(statuses) and len(finished) == len(statuses)
+    return (min(started) if started else None), (max(finished) if done else None)
+
+
 def observe_pod(pod: Mapping[str, Any]) -> ObservedPod:
     """An ObservedPod from a pod as the API returns it (a dict)."""
     meta, status = pod.get("metadata", {}), pod.get("status") or {}
@@ -370,6 +403,7 @@ def observe_pod(pod: Mapping[str, Any]) -> ObservedPod:
         "Unschedulable",
         "SchedulerError",
     )
+    started, finished = _running_time(status)
     return ObservedPod(
         name=meta["name"],
         uid=meta.get("uid", ""),
@@ -388,4 +422,6 @@ def observe_pod(pod: Mapping[str, Any]) -> ObservedPod:
         spec_hash=notes.get(api.ANNOTATION_SPEC_HASH, ""),
         attempt=int(notes.get(api.ANNOTATION_ATTEMPT, "0")),
         checkpoint=notes.get(api.ANNOTATION_CHECKPOINT, ""),
+        started_at=started,
+        finished_at=finished,
     )

@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BindDecision:
-    """Bound (no error), or why not."""
+    """Bound (no error) and the tier the GPUs achieve, or why not."""
 
     outcome: str
     error: str = ""
+    tier: str = ""  # bound: the strongest tier one domain of which holds the GPUs
 
 
 def decide(ext: Extender, args: BindArgs, pod: dict[str, Any], request: PodRequest) -> BindDecision:
@@ -55,7 +56,7 @@ def decide(ext: Extender, args: BindArgs, pod: dict[str, Any], request: PodReque
     if held is not None:
         ext.end_reservation(args.namespace, args.name, "Bound")
     log.info("pod %s: bound to %s GPUs %s", request.name, args.node, gpus)
-    return BindDecision("bound")
+    return BindDecision("bound", tier=tier)
 
 
 def _choose(ext: Extender, request: PodRequest, node: str) -> int | str:

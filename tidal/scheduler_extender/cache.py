@@ -25,6 +25,7 @@ from typing import Any
 
 from tidal import api
 from tidal.placement import ClusterSnapshot, PdbInfo, PodInfo, Reservation, first_free_gpus
+from tidal.scheduler_extender.pool import FENCE_PREFIX, PoolInputs
 from tidal.scheduler_extender.translate import (
     SYSTEM_PRIORITY,
     ObjectError,
@@ -404,6 +405,18 @@ class ClusterCache:
         with self.lock:
             return sum(mask.bit_count() for mask in self._unhealthy.values())
 
+    def pool_inputs(self) -> PoolInputs:
+        """What the GPU pool view (``pool.gpu_pool``) reads, copied under the lock so the view
+        is computed outside it."""
+        with self.lock:
+            return PoolInputs(
+                nodes=tuple(self.snapshot.nodes.values()),
+                unhealthy=dict(self._unhealthy),
+                reservations=tuple(self.snapshot.reservations.values()),
+                bound=dict(self._raw_bound),
+                pending=dict(self.pending),
+            )
+
     def delete_topology(self, name: str) -> None:
         with self.lock:
             self._unhealthy.pop(name, None)
@@ -531,7 +544,7 @@ class _KindHandlers:
     delete: Callable[[str], None]
 
 
-_FENCE = api.PREFIX + "unhealthy-gpus/"  # uid prefix of the pseudo-pods holding unhealthy GPUs
+_FENCE = FENCE_PREFIX  # uid prefix of the pseudo-pods holding unhealthy GPUs
 
 
 def _unhealthy_mask(topology: dict[str, Any], full: int) -> int:

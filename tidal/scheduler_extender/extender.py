@@ -22,7 +22,8 @@ from tidal.kubeclient import KubeApiError
 from tidal.placement import Plan, PodRequest, Reservation, TopologyFirstPlanner
 from tidal.scheduler_extender import binding, filtering, preempting, prioritizing
 from tidal.scheduler_extender.cache import ClusterCache
-from tidal.scheduler_extender.metrics import ExtenderMetrics
+from tidal.scheduler_extender.metrics import CacheView, ExtenderMetrics, PreemptionFacts
+from tidal.scheduler_extender.pool import gpu_pool, pod_class
 from tidal.scheduler_extender.translate import ObjectError, ReservationRecord, pod_request
 from tidal.scheduler_extender.wire import (
     BindArgs,
@@ -69,6 +70,18 @@ class ExtenderSettings:
 # Pods between filter and bind: bind is asynchronous in kube-scheduler, so several pods' binds
 # can be in flight; far more than ever are at once.
 _FILTERED_PODS = 4096
+# Pods whose filter history is kept (last outcome, first failure): more than are ever pending.
+_WAITING_PODS = 16384
+UNFILTERED = "unfiltered"  # a pending pod no filter call was seen for (a metric label)
+
+
+@dataclass
+class _Waiting:
+    """What the metrics remember of a pod between its first filter call and its bind."""
+
+    outcome: str  # of its last filter call
+    first_failed: float | None = None  # when a filter (or preempt) call first found no node
+    preemptor: bool = False  # GPUs were reserved for it
 
 
 class RefusedError(Exception):
@@ -95,6 +108,8 @@ class Extender:
         self.steered: dict[str, float] = {}  # pods left to kube-scheduler's preemption once
         self.scores: dict[str, dict[str, int]] = {}  # pod UID -> node scores from its filter
         self.passed: OrderedDict[str, frozenset[str]] = OrderedDict()  # UID -> nodes passed
+        self.waiting: OrderedDict[str, _Waiting] = OrderedDict()  # UID -> its filter history
+        self.metrics.cache.source = self.cache_view
 
     # -- the verbs: decide, count, answer -------------------------------------------------
     def filter(self, args: FilterArgs) -> dict[str, Any]:
@@ -104,8 +119,9 @@ class Extender:
         except RefusedError as error:
             decision = filtering.FilterDecision("refused", error=str(error))
         self.metrics.decision("filter", decision.outcome)
-        if decision.pod_uid is not None:
-            with self.cache.lock:
+        with self.cache.lock:
+            self._note_filter(args.pod["metadata"]["uid"], decision.outcome)
+            if decision.pod_uid is not None:
                 self._remember_passed(decision.pod_uid, decision.passed)
         return filter_result(
             decision.passed, decision.failed, decision.unresolvable, args, decision.error
@@ -121,6 +137,8 @@ class Extender:
         ]
 
     def preempt(self, args: PreemptArgs) -> dict[str, Any]:
+        with self.cache.lock:
+            self._waiting(args.pod["metadata"]["uid"], failed=True)
         try:
             pod, request = self.request_for(args.pod)
             decision = preempting.decide(self, args, pod, request)
@@ -137,6 +155,9 @@ class Extender:
             decision = binding.decide(self, args, pod, request)
         except RefusedError as error:
             decision = binding.BindDecision("refused", str(error))
+        else:
+            if decision.outcome == "bound":
+                self._note_bound(request, decision.tier)
         self.metrics.decision("bind", decision.outcome)
         return {"Error": decision.error}
 
@@ -185,9 +206,54 @@ class Extender:
         while len(self.passed) > _FILTERED_PODS:
             self.passed.popitem(last=False)
 
+    # -- what the metrics remember of pending pods -----------------------------------------
+    def _waiting(self, uid: str, failed: bool) -> _Waiting:
+        """The pod's record (made on first sight); ``failed`` notes a call that found no node.
+        Under the cache lock."""
+        record = self.waiting.get(uid)
+        if record is None:
+            record = self.waiting[uid] = _Waiting(UNFILTERED)
+            while len(self.waiting) > _WAITING_PODS:
+                self.waiting.popitem(last=False)
+        self.waiting.move_to_end(uid)
+        if failed and record.first_failed is None:
+            record.first_failed = self.cache.clock()
+        return record
+
+    def _note_filter(self, uid: str, outcome: str) -> None:
+        self._waiting(uid, failed=outcome not in filtering.PASSED).outcome = outcome
+
+    def _note_bound(self, request: PodRequest, tier: str) -> None:
+        """Count the bind by its tiers; a preemptor's wait ends here; the pod's record goes."""
+        self.metrics.bound(request.mode.value, request.tier.label, tier)
+        with self.cache.lock:
+            record = self.waiting.pop(request.uid, None)
+            now = self.cache.clock()
+        if record is not None and record.preemptor and record.first_failed is not None:
+            self.metrics.preemptor_wait.observe(max(0.0, now - record.first_failed))
+
+    def pending_reasons(self) -> dict[str, int]:
+        """Unbound GPU pods for this extender's scheduler, by their last filter outcome (every
+        outcome, 0 included)."""
+        counts = dict.fromkeys((*filtering.OUTCOMES, UNFILTERED), 0)
+        with self.cache.lock:
+            for uid, pod in self.cache.pending.items():
+                if (pod.get("spec") or {}).get("schedulerName") != self.settings.scheduler_name:
+                    continue
+                record = self.waiting.get(uid)
+                reason = record.outcome if record is not None else UNFILTERED
+                counts[reason] = counts.get(reason, 0) + 1
+        return counts
+
+    def cache_view(self) -> CacheView:
+        """What the cache collector exports, computed at scrape time."""
+        pending = self.pending_reasons()
+        return CacheView(gpu_pool(self.cache.pool_inputs()), pending)
+
     # -- reservations -------------------------------------------------------------------------
-    def reserve(self, request: PodRequest, plan: Plan) -> ReservationRecord:
-        """Hold ``plan``'s GPUs and victims for ``request`` (the caller records it on the pod)."""
+    def reserve(self, request: PodRequest, plan: Plan, pod: dict[str, Any]) -> ReservationRecord:
+        """Hold ``plan``'s GPUs and victims for ``request`` (the caller records it on the pod
+        and holds the cache lock)."""
         record = ReservationRecord(
             node=plan.node,
             gpus=tuple(bits(plan.gpus)),
@@ -195,8 +261,26 @@ class Extender:
             expires_at=self.cache.snapshot.now + self.settings.reservation_ttl_s,
         )
         self.cache.reserve(record.reservation(request.uid))
-        self.metrics.preemption(len(plan.victims))
+        self._waiting(request.uid, failed=True).preemptor = True
+        self.metrics.preemption(self._preemption_facts(request, plan, pod))
         return record
+
+    def _preemption_facts(
+        self, request: PodRequest, plan: Plan, pod: dict[str, Any]
+    ) -> PreemptionFacts:
+        victim_gpus: dict[str, int] = {}
+        for uid in plan.victims:
+            victim = self.cache.snapshot.pods.get(uid)
+            klass = pod_class(self.cache.bound_pod(uid))
+            victim_gpus[klass] = victim_gpus.get(klass, 0) + (victim.gpu_count if victim else 0)
+        return PreemptionFacts(
+            preemptor_class=pod_class(pod),
+            tier=request.tier.label,
+            victim_gpus=victim_gpus,
+            victims=len(plan.victims),
+            wasted_gpus=plan.cost.waste_gpus,
+            lost_gpu_seconds=plan.cost.lost_work,
+        )
 
     def end_reservation(self, namespace: str, name: str, reason: str) -> None:
         try:

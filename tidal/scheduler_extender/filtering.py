@@ -35,6 +35,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _REMEMBERED_PODS = 256  # pods whose filter scores wait for their prioritize call
+# Every FilterDecision outcome (metric labels): nodes passed ("fits"; "reserved": the pod's own
+# reservation), or why none did. "refused" is the Extender's (a pod it will not act on).
+OUTCOMES = (
+    "fits",
+    "reserved",
+    "waiting",
+    "evict",
+    "evict-failed",
+    "preempt-verb",
+    "no-plan",
+    "refused",
+)
+PASSED = frozenset({"fits", "reserved"})
 
 
 @dataclass(frozen=True)
@@ -69,7 +82,7 @@ def decide(
             return _nowhere("preempt-verb", request, failed, unresolvable, why)
         if isinstance(plan, NoPlan):
             return _nowhere("no-plan", request, failed, unresolvable, plan.reason)
-        record = ext.reserve(request, plan)
+        record = ext.reserve(request, plan, pod)
     return _evict_for(ext, args.node_names, pod, request, plan, record)
 
 

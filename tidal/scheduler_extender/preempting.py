@@ -43,7 +43,7 @@ def decide(
         plan = ext.planner.plan_preemption(ext.cache.snapshot, request, candidates)
         if isinstance(plan, NoPlan) or not plan.victims:
             return PreemptDecision("no-plan")
-        record = ext.reserve(request, plan)
+        record = ext.reserve(request, plan, pod)
         ext.steered.pop(request.uid, None)
     meta = pod["metadata"]
     try:

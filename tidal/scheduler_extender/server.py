@@ -160,9 +160,16 @@ def health_routes(extender: Extender, ready: Callable[[], bool]) -> list[Route]:
             return Response("ok", media_type="text/plain")
         return Response("cache not synced", status_code=503, media_type="text/plain")
 
-    async def metrics_endpoint(_: Request) -> Response:
+    def exposition() -> bytes:
         metrics.export_cache(extender.stats(), extender.cache.apply_failures)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return generate_latest(metrics.registry)
+
+    async def metrics_endpoint(_: Request) -> Response:
+        # Off the event loop: the per-GPU series of a large pool take a while to render
+        # (half a second at 1,000 eight-GPU nodes on a slow core), and the verbs may share
+        # this loop.
+        body = await run_in_threadpool(exposition)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return [
         Route("/healthz", healthz),

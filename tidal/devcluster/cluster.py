@@ -21,6 +21,7 @@ from tidal.devcluster.certs import Pki, make_pki
 from tidal.devcluster.nodes import KWOK_SELECTOR, gpu_node
 from tidal.devcluster.process import Component, free_port, http_ok, insecure_tls, tail
 from tidal.scheduler_extender.schedconfig import (
+    BOTH_PROFILES,
     ExtenderConfig,
     scheduler_configuration,
 )
@@ -58,12 +59,18 @@ class ClusterOptions:
     run_operator: bool = False  # install the CRDs, run `tidal operator run` as a component
     extender_tls: bool = False  # serve the extender over HTTPS (the apiserver's certificate)
     scheduler_qps: int = 5000  # client-go's 50/100 defaults cap scheduling throughput
+    # Scheduler names the cluster's kube-scheduler serves; ("default-scheduler",) leaves
+    # tidal-scheduler to a second kube-scheduler (the Helm chart's, in its e2e test).
+    scheduler_profiles: tuple[str, ...] = BOTH_PROFILES
     startup_timeout_s: float = 90.0
 
 
 def scheduler_config(kubeconfig: Path, options: ClusterOptions) -> dict[str, Any]:
     return scheduler_configuration(
-        options.extender, kubeconfig=str(kubeconfig), qps=options.scheduler_qps
+        options.extender,
+        kubeconfig=str(kubeconfig),
+        qps=options.scheduler_qps,
+        profiles=options.scheduler_profiles,
     )
 
 
@@ -523,6 +530,8 @@ class LocalCluster:
                 "run",
                 f"--kubeconfig={kubeconfig}",
                 f"--liveness={liveness}",
+                # a port of its own: two dev clusters (or a test's) on one machine must not clash
+                f"--metrics-port={free_port()}",
             ],
             self.log_dir / "tidal-operator.log",
             lambda: http_ok(liveness),

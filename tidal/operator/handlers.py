@@ -7,6 +7,7 @@ from a fresh read), so it does not matter which of them fires, how often, or aft
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -105,6 +106,11 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 120
         settings.queueing.worker_limit = 64
+        # With peering (several replicas), kopf pauses every operator that sees a peer of the
+        # same priority: replicas that all kept the default 0 would all pause. A random
+        # priority per process leaves exactly one active (kopf's own recipe); the others take
+        # over when its peering record expires.
+        settings.peering.priority = random.SystemRandom().randint(1, 32767)
 
 
 def _register_kind(

@@ -28,6 +28,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from tidal import api
 from tidal.placement import TopologyMode
 from tidal.scheduler_extender.pool import GpuState
 from tidal.topology import Tier
@@ -38,7 +39,7 @@ PATH = "dashboards/tidal-pool.json"  # relative to the chart's directory
 SCHEMA_VERSION = 39  # Grafana 10.4 / 11
 GRID_WIDTH = 24
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-SCHEDULER_PROFILE = "tidal-scheduler"  # kube-scheduler's profile (schedulerName) for tidal
+SCHEDULER_PROFILE = api.SCHEDULER_NAME  # kube-scheduler's profile (schedulerName) for tidal
 
 # The colour of each of tidal_gpu_state's states (the extender's GpuState: its value is the
 # sample value, its label the text the grid shows and tidal_pool_gpus's state label).
@@ -57,7 +58,7 @@ VARIABLE_SAMPLES = {
     "$node": ".*",
     "$namespace": ".*",
     "$model_name": ".*",
-    "$scheduler_job": "tidal-scheduler",
+    "$scheduler_job": api.SCHEDULER_NAME,
 }
 
 NODE = 'node=~"$node"'

@@ -14,14 +14,20 @@ from typer.testing import CliRunner
 from tidal.cli import app
 from tidal.placement import POLICY_NAMES, Plan, PodRequest, make_policy
 from tidal.simulator import Scenario, ScenarioError, simulate
-from tidal.simulator.data import DEFAULT_DATA_DIR, DataError, hourly_load_shape, openb_batch_pods
+from tidal.simulator.data import DEFAULT_DATA_DIR, DataError
 from tidal.simulator.engine import Replay
 from tidal.simulator.evaluation import render, throughput_sweep
 from tidal.simulator.metrics import served_load
 from tidal.simulator.optimality import optimality_gap
 from tidal.simulator.plots import write_overview
 from tidal.simulator.run import prepare
-from tidal.simulator.scenario import bundled_scenarios, load_scenario, scenario_from_mapping
+from tidal.simulator.scenario import (
+    TraceSource,
+    bundled_scenarios,
+    load_scenario,
+    scenario_from_mapping,
+)
+from tidal.simulator.traces import TraceJob, read_jobs, read_load
 from tidal.simulator.workload import BatchJob, TraceWorkload
 from tidal.topology import Tier
 
@@ -74,10 +80,21 @@ def small(data_dir: Path, **changes: object) -> Scenario:
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
-def test_loaders_keep_whole_gpu_batch_pods_and_scale_the_daily_shape(data_dir: Path) -> None:
-    pods = openb_batch_pods(data_dir / "openb-2023" / "openb_pod_list_default.csv")
-    assert [p.gpus for p in pods] == [1, 2, 4, 8]  # the LS pod is online work, not batch
-    shape = hourly_load_shape(data_dir / "genai-qps-2026" / "qps.csv")
+def openb_pods(path: Path) -> list[TraceJob]:
+    jobs, _ = read_jobs(TraceSource(str(path), format="openb"), need_submit=False)
+    return jobs
+
+
+def test_loaders_keep_whole_gpu_pods_and_scale_the_daily_shape(data_dir: Path) -> None:
+    pods = openb_pods(data_dir / "openb-2023" / "openb_pod_list_default.csv")
+    assert [(p.gpus, p.job_class) for p in pods] == [
+        (1, "batch"),
+        (2, "batch"),
+        (4, "batch"),
+        (1, "online"),  # LS: online work (not replayed as batch)
+        (8, "batch"),
+    ]
+    shape, _ = read_load(TraceSource(str(data_dir / "genai-qps-2026" / "qps.csv")))
     assert max(shape) == 1.0 and shape[3] == pytest.approx(1 / 11)
 
 
@@ -85,7 +102,7 @@ def test_malformed_trace_names_file_row_and_column(tmp_path: Path) -> None:
     bad = tmp_path / "pods.csv"
     bad.write_text(POD_HEADER + "p0,8000,32768,one,1000,,BE,Running,0,10,0\n")
     with pytest.raises(DataError, match=r"pods.csv: row 2, column 'num_gpu': not a number: 'one'"):
-        openb_batch_pods(bad)
+        openb_pods(bad)
 
 
 def test_every_policy_replays_without_breaking_invariants(data_dir: Path) -> None:
@@ -120,8 +137,9 @@ def test_bad_scenario_field_is_named() -> None:
 
 @pytest.mark.skipif(not DEFAULT_DATA_DIR.is_dir(), reason="../shared/data is absent")
 def test_real_openb_pods_load() -> None:
-    pods = openb_batch_pods(DEFAULT_DATA_DIR / "openb-2023" / "openb_pod_list_default.csv")
-    assert len(pods) > 500 and all(p.gpus >= 1 for p in pods)
+    pods = openb_pods(DEFAULT_DATA_DIR / "openb-2023" / "openb_pod_list_default.csv")
+    batch = [p for p in pods if p.job_class == "batch"]
+    assert len(batch) == 728 and all(p.gpus >= 1 for p in batch)
 
 
 class CheckedReplay(Replay):

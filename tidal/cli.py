@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -34,7 +32,8 @@ from tidal.scheduler_extender.cli import (
     extender_rbac_command,
     scheduler_config_command,
 )
-from tidal.simulator import Scenario, ScenarioError, load_scenario, simulate
+from tidal.simulator import ScenarioError
+from tidal.simulator.cli import simulate_command
 from tidal.simulator.data import DataError
 from tidal.topology import (
     NODE_TIERS,
@@ -247,59 +246,7 @@ def _scenario(spec: dict[str, Any]) -> tuple[ClusterSnapshot, PodRequest]:
     return ClusterSnapshot(nodes, pods, pdbs, now=float(spec.get("now", 0))), request
 
 
-@app.command("simulate")
-def simulate_command(
-    scenario_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--scenario",
-            help="Scenario YAML, or a bundled one by name (openb-day, topology-rich, "
-            "nvswitch-control). Default: the openb day.",
-        ),
-    ] = None,
-    quick: Annotated[
-        bool, typer.Option(help="Sample 160 nodes of the cluster: seconds, not minutes.")
-    ] = False,
-    policy: Annotated[
-        list[str] | None, typer.Option(help="Policies to replay (default: all).")
-    ] = None,
-    out: Annotated[Path, typer.Option(help="Folder for results.json and overview.png.")] = Path(
-        "out/simulate"
-    ),
-    plots: Annotated[bool, typer.Option(help="Write the overview figure.")] = True,
-    workers: Annotated[
-        int | None, typer.Option(help="Processes replaying policies (default: one per core).")
-    ] = None,
-) -> None:
-    """Replay a day of real traces through the placement core, every policy side by side."""
-    try:
-        scenario = load_scenario(scenario_file) if scenario_file else Scenario()
-    except ScenarioError as err:
-        raise typer.BadParameter(str(err), param_hint="--scenario") from err
-    if quick:
-        scenario = scenario.quick()
-    if policy:
-        for name in policy:
-            _policy_or_exit(name)
-        scenario = dataclasses.replace(scenario, policies=tuple(policy))
-    horizon = scenario.hours * 3600
-    with Progress(console=console, transient=True) as progress:
-        tasks = {p: progress.add_task(f"replaying {p}", total=horizon) for p in scenario.policies}
-        try:
-            result = simulate(
-                scenario, lambda p, now: progress.update(tasks[p], completed=now), workers
-            )
-        except DataError as err:
-            console.print(f"[red]error:[/red] {err}")
-            raise typer.Exit(1) from err
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    console.print(_summary_table(result))
-    console.print(f"results: {out / 'results.json'}")
-    if plots:
-        from tidal.simulator.plots import write_overview  # noqa: PLC0415  (matplotlib is slow to import)
-
-        console.print(f"figure:  {write_overview(result, out / 'overview.png')}")
+app.command("simulate")(simulate_command)
 
 
 @app.command("evaluate")
@@ -329,28 +276,6 @@ def evaluate_command(
             console.print(f"[red]error:[/red] {err}")
             raise typer.Exit(1) from err
     console.print(f"report: {report} ({len(SCENARIOS)} scenarios)")
-
-
-def _summary_table(result: dict[str, Any]) -> Table:
-    summaries = [p["summary"] for p in result["policies"]]
-    table = Table(
-        "metric",
-        *(s["policy"] for s in summaries),
-        title=f"{result['scenario']}: {result['nodes']} nodes, {result['gpus']} GPUs, "
-        f"{result['batch_jobs']} batch jobs",
-    )
-    for key in summaries[0]:
-        if key != "policy":
-            table.add_row(key, *(_cell(s[key]) for s in summaries))
-    return table
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
 
 
 ChartDir = Annotated[

@@ -47,6 +47,7 @@ class Metrics:
     victim_pods: int = 0  # M4
     victim_gpus: int = 0
     victim_workloads: int = 0
+    broken_gangs: int = 0  # M4: gangs a plan took only part of (the rest evicted with them)
     wasted_gpus: int = 0  # M3
     lost_gpu_seconds: float = 0.0  # M5
     preemptor_wait_s: list[float] = field(default_factory=list)  # M6
@@ -96,7 +97,7 @@ class Metrics:
     def job_completed(self, job: BatchJob, now: float) -> None:
         self.jobs_completed += 1
         self.completion_s.append(now - job.arrival)
-        self.goodput_gpu_seconds += job.work_s * job.gpus
+        self.goodput_gpu_seconds += job.work_s * job.total_gpus
 
     def sample(
         self,
@@ -147,6 +148,7 @@ class Metrics:
             "M4_victim_pods_per_preemption": self.victim_pods / n,
             "M4_victim_gpus_per_preemption": self.victim_gpus / n,
             "M4_victim_workloads_per_preemption": self.victim_workloads / n,
+            "M4_broken_gangs": self.broken_gangs,
             "M5_lost_gpu_hours": self.lost_gpu_seconds / 3600,
             "M6_preemptor_bind_p50_s": _quantile(self.preemptor_wait_s, 0.5),
             "M6_preemptor_bind_p99_s": _quantile(self.preemptor_wait_s, 0.99),

@@ -1,5 +1,5 @@
 """The cluster model for traces without topology: each node gets a topology preset by its GPU
-model and GPU count (docs/architecture.md; SCHEDULING.md's "Cluster model").
+model and GPU count (docs/traces.md, "GPU models and topology presets").
 
 One table in the code, and a scenario's ``presets`` beside it: a key is a GPU model (for that
 model's nodes with the preset's GPU count; other counts of a model the scenario names need

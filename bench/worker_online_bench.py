@@ -540,7 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.trace.is_file():
         sys.exit(
             f"error: the Azure conversation trace is not at {args.trace} "
-            "(AzureLLMInferenceTrace_conv.csv of Azure/AzurePublicDataset); pass its path with --trace"
+            "(AzureLLMInferenceTrace_conv.csv of Azure/AzurePublicDataset); "
+            "pass its path with --trace"
         )
     rows = read_trace(args.trace)
     scale = scaling(rows)

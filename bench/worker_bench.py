@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from bench.environment import machine
-from tidal.inference_worker.generate import Sampling, generate
+from tidal.inference_worker.engine.params import SamplingParams
+from tidal.inference_worker.generate import generate
 from tidal.inference_worker.model.llama import LlamaModel
 from tidal.inference_worker.parallel.comm import LocalComm
 from tidal.inference_worker.weights.resolve import load_checkpoint, smollm2_gguf
@@ -62,7 +63,9 @@ def _theirs(model: Any, ids: list[int], new_tokens: int) -> tuple[float, float]:
 
 
 def _ours(model: LlamaModel, ids: list[int], new_tokens: int) -> tuple[float, float]:
-    result = generate(model, ids, Sampling(max_tokens=new_tokens, ignore_eos=True))
+    result = generate(
+        model, ids, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    )
     return result.prefill_s, result.decode_s
 
 

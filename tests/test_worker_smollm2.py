@@ -17,7 +17,8 @@ import torch
 from typer.testing import CliRunner
 
 from tidal.cli import app
-from tidal.inference_worker.generate import Sampling, generate
+from tidal.inference_worker.engine.params import SamplingParams
+from tidal.inference_worker.generate import generate
 from tidal.inference_worker.model.llama import LlamaModel
 from tidal.inference_worker.parallel.comm import LocalComm
 from tidal.inference_worker.parallel.launch import launch
@@ -38,7 +39,7 @@ def test_logits_and_greedy_tokens_equal_transformers(
     assert float((ours - theirs).abs().max()) <= 2e-4
     # A plain-text prompt whose greedy continuation runs 16 tokens without an end of text.
     text = checkpoint.tokenizer.encode("The history of the Roman Empire begins")
-    greedy = generate(model, text, Sampling(max_tokens=16)).token_ids
+    greedy = generate(model, text, SamplingParams(max_tokens=16, temperature=0)).token_ids
     with torch.inference_mode():
         reference = hf_smollm2_model.generate(
             torch.tensor(text)[None], max_new_tokens=16, do_sample=False
@@ -50,7 +51,7 @@ def test_logits_and_greedy_tokens_equal_transformers(
 def test_the_model_answers_a_chat_question(checkpoint: Checkpoint, model: LlamaModel) -> None:
     tokenizer = checkpoint.tokenizer
     result = generate(
-        model, tokenizer.encode_chat(QUESTION), Sampling(max_tokens=24),
+        model, tokenizer.encode_chat(QUESTION), SamplingParams(max_tokens=24, temperature=0),
         frozenset(tokenizer.eos_token_ids),
     )  # fmt: skip
     assert "Paris" in tokenizer.decode(result.token_ids)

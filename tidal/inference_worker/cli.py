@@ -54,7 +54,8 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 def run_job(comm: Any, device: Any, job: GenerateJob) -> dict[str, Any] | None:
     """One rank's part: load its shard, generate in lockstep; rank 0 returns the result."""
-    from tidal.inference_worker.generate import Sampling, generate  # noqa: PLC0415
+    from tidal.inference_worker.engine.params import SamplingParams  # noqa: PLC0415
+    from tidal.inference_worker.generate import generate  # noqa: PLC0415
     from tidal.inference_worker.iso import measure_costs  # noqa: PLC0415
     from tidal.inference_worker.model.llama import LlamaModel  # noqa: PLC0415
     from tidal.inference_worker.weights.resolve import load_checkpoint  # noqa: PLC0415
@@ -69,7 +70,7 @@ def run_job(comm: Any, device: Any, job: GenerateJob) -> dict[str, Any] | None:
     else:
         ids = tokenizer.encode(job.prompt)
     costs = measure_costs(model) if job.iso and comm.world > 1 else None
-    sampling = Sampling(job.max_tokens, job.temperature, job.top_p, job.top_k, job.seed)
+    sampling = SamplingParams(job.max_tokens, job.temperature, job.top_p, job.top_k, job.seed)
     result = generate(model, ids, sampling, frozenset(tokenizer.eos_token_ids), costs=costs,
                       iso_min_tokens=job.iso_min_tokens)  # fmt: skip
     if comm.rank != 0:

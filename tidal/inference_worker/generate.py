@@ -11,48 +11,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
+from tidal.inference_worker.engine.params import SamplingParams
 from tidal.inference_worker.iso import prefill_iso
 from tidal.inference_worker.iso_split import OpCosts, choose_split
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """vLLM's sampling parameters that matter for one sequence; temperature 0 is greedy."""
-
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    seed: int | None = None
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-
-
-class SamplingLike(Protocol):
-    """The fields :func:`sample` reads (:class:`Sampling` and the engine's SamplingParams)."""
-
-    @property
-    def temperature(self) -> float: ...
-    @property
-    def top_p(self) -> float: ...
-    @property
-    def top_k(self) -> int: ...
-
-
-def sample(logits: torch.Tensor, sampling: SamplingLike, generator: torch.Generator | None) -> int:
+def sample(
+    logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None
+) -> int:
     """The next token from ``logits`` [vocab]: argmax at temperature 0, else top-k, then
     top-p (nucleus) filtering of the tempered distribution."""
     if sampling.temperature == 0:
@@ -112,7 +82,7 @@ def iso_split_for(model: Any, costs: OpCosts | None, tokens: int, min_tokens: in
 def generate(
     model: Any,
     prompt_ids: list[int],
-    sampling: Sampling,
+    sampling: SamplingParams,
     eos_ids: frozenset[int] = frozenset(),
     *,
     costs: OpCosts | None = None,
@@ -121,7 +91,10 @@ def generate(
     """Prefill ``prompt_ids`` and decode up to ``sampling.max_tokens`` tokens, on every rank."""
     comm = model.comm
     ids = torch.tensor(prompt_ids, dtype=torch.long, device=model.placement.device)
-    cache = model.new_cache(len(prompt_ids) + sampling.max_tokens)
+    if sampling.max_tokens is None:
+        raise ValueError("max_tokens: generate() needs a number of tokens")
+    max_tokens = sampling.max_tokens
+    cache = model.new_cache(len(prompt_ids) + max_tokens)
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
     split = iso_split_for(model, costs, len(prompt_ids), iso_min_tokens)
     started = time.perf_counter()
@@ -129,7 +102,7 @@ def generate(
         token = _next(comm, prefill(model, ids, cache, split), sampling, generator)
         prefilled = time.perf_counter()
         tokens = [token]
-        while len(tokens) < sampling.max_tokens and not _stops(token, eos_ids, sampling):
+        while len(tokens) < max_tokens and not _stops(token, eos_ids, sampling):
             position = len(prompt_ids) + len(tokens) - 1
             logits = model.decode_step(token, cache, position)
             token = _next(comm, logits, sampling, generator)
@@ -142,7 +115,10 @@ def generate(
 
 
 def _next(
-    comm: Any, logits: torch.Tensor | None, sampling: Sampling, generator: torch.Generator | None
+    comm: Any,
+    logits: torch.Tensor | None,
+    sampling: SamplingParams,
+    generator: torch.Generator | None,
 ) -> int:
     """Rank 0 samples from its full logits; every rank gets that token."""
     row = logits.reshape(-1, logits.shape[-1])[-1] if logits is not None else None
@@ -151,5 +127,5 @@ def _next(
     return chosen
 
 
-def _stops(token: int, eos_ids: frozenset[int], sampling: Sampling) -> bool:
+def _stops(token: int, eos_ids: frozenset[int], sampling: SamplingParams) -> bool:
     return token in eos_ids and not sampling.ignore_eos

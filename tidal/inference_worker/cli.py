@@ -195,7 +195,8 @@ KvOpt = Annotated[
     str | None,
     typer.Option(
         envvar="TIDAL_KV_CACHE_MEMORY",
-        help="KV cache size, e.g. 2GiB (default: 1GiB on CPU, 85% of free GPU memory).",
+        help="KV cache size, e.g. 2GiB (default: 1GiB on CPU; on a GPU 85% of its memory "
+        "less what is in use after loading).",
     ),
 ]
 SeqsOpt = Annotated[int, typer.Option(min=1, help="Most sequences in one batch.")]

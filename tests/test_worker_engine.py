@@ -22,6 +22,12 @@ from tidal.inference_worker.engine.sequence import Sequence, Status
 from tidal.inference_worker.model.llama import LlamaModel
 from tidal.inference_worker.model.spec import ModelSpec
 from tidal.inference_worker.parallel.comm import LocalComm
+from tidal.inference_worker.settings import (
+    SettingsError,
+    attention_backend,
+    dtype_name,
+    parse_bytes,
+)
 from tidal.inference_worker.weights.source import random_source
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -386,3 +392,41 @@ def test_a_dead_engine_loop_fails_every_stream_and_refuses_new_ones(model: Llama
     assert not client.is_ready() and len(deaths) == 1
     with pytest.raises(EngineDeadError):
         asyncio.run(ask())
+
+
+# ---------------------------------------------------------------------- worker options
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("4GiB", 4 << 30),
+        ("512Mi", 512 << 20),
+        ("2G", 2 * 10**9),
+        ("1000", 1000),
+        ("1.5GB", 1_500_000_000),
+    ],
+)
+def test_kv_cache_sizes_read_as_kubernetes_quantities(text: str, size: int) -> None:
+    assert parse_bytes(text, "--kv-cache-memory") == size
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda: parse_bytes("lots", "--kv-cache-memory"),
+            "--kv-cache-memory: 'lots' is not a size",
+        ),
+        (lambda: dtype_name("int8"), "TIDAL_DTYPE: int8 weights are not supported"),
+        (lambda: dtype_name("fp8"), "TIDAL_DTYPE: 'fp8' is not one of"),
+        (lambda: attention_backend("flash"), "TIDAL_ATTENTION: 'flash' is not one of"),
+    ],
+)
+def test_bad_worker_options_name_the_option(call: Any, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        call()
+
+
+def test_the_crds_attention_values_map_to_worker_backends() -> None:
+    assert [attention_backend(v) for v in ("fp16", "int8", "sdpa")] == ["sdpa", "int8", "sdpa"]

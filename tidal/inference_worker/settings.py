@@ -5,7 +5,6 @@ name the variable or flag (a bad value stops the worker before it loads anything
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 
 DTYPES = ("float32", "bfloat16", "float16")
 # The CRD's attention values, and the worker's own names for them: ``fp16`` is attention in
@@ -22,7 +21,8 @@ class SettingsError(ValueError):
 
 
 def parse_bytes(text: str, what: str) -> int:
-    """``"4GiB"``, ``"512Mi"``, ``"1e9"``-free plain sizes (Kubernetes quantity style)."""
+    """Bytes of ``"4GiB"``, ``"512Mi"``, ``"2G"`` or ``"1000"`` (Kubernetes quantity units:
+    Ki/Mi/Gi/Ti are powers of 2, K/M/G/T of 10; a trailing B is optional)."""
     match = _SIZE.match(text)
     if match is None:
         raise SettingsError(f"{what}: {text!r} is not a size such as 4GiB or 512MiB")
@@ -45,17 +45,4 @@ def dtype_name(value: str, what: str = "TIDAL_DTYPE") -> str:
         )
     if value not in DTYPES:
         raise SettingsError(f"{what}: {value!r} is not one of {', '.join(DTYPES)}")
-    return value
-
-
-def positive_int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name, "")
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name}: {raw!r} is not an integer") from None
-    if value < 1:
-        raise SettingsError(f"{name}: must be at least 1, got {value}")
     return value

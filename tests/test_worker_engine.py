@@ -15,7 +15,12 @@ import torch
 from tidal.inference_worker.engine.blocks import BlockPool, OutOfBlocksError, block_hashes
 from tidal.inference_worker.engine.engine import AsyncEngine, EngineConfig, LLMEngine
 from tidal.inference_worker.engine.output import next_text
-from tidal.inference_worker.engine.params import EngineDeadError, RequestOutput, SamplingParams
+from tidal.inference_worker.engine.params import (
+    EngineDeadError,
+    EngineDrainingError,
+    RequestOutput,
+    SamplingParams,
+)
 from tidal.inference_worker.engine.runner import ModelRunner
 from tidal.inference_worker.engine.scheduler import Scheduler, SchedulerConfig
 from tidal.inference_worker.engine.sequence import Sequence, Status
@@ -430,3 +435,20 @@ def test_bad_worker_options_name_the_option(call: Any, message: str) -> None:
 
 def test_the_crds_attention_values_map_to_worker_backends() -> None:
     assert [attention_backend(v) for v in ("fp16", "int8", "sdpa")] == ["sdpa", "int8", "sdpa"]
+
+
+def test_shutdown_ends_the_streams_still_running(model: LlamaModel) -> None:
+    engine = engine_for(model, 64, 256)
+    client = AsyncEngine("m", 64, CharTokenizer())
+    client.attach(engine)
+    long = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+
+    async def cut_short() -> None:
+        stream = client.generate("long", [1, 2, 3], long)
+        await anext(stream)
+        await asyncio.to_thread(client.shutdown)
+        async for _ in stream:
+            pass
+
+    with pytest.raises(EngineDrainingError, match="shut down"):
+        asyncio.run(cut_short())

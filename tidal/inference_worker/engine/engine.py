@@ -356,6 +356,7 @@ class AsyncEngine:
                     last_step = time.monotonic()
             for request_id in list(engine.requests):
                 engine.abort(request_id)
+                self._deliver(request_id, EngineDrainingError("the engine shut down"))
             engine.shutdown_followers()
         except BaseException as error:  # a dead rank, a kernel error: fail loudly, never hang
             log.exception("the engine loop died")

@@ -228,30 +228,10 @@ def env_of(container: dict[str, Any], fields: dict[str, str]) -> dict[str, str]:
 
 
 @dataclass
-class ChartProcess(Component):
-    """A Component (its own session, a log file, a health probe) with the container's env."""
-
-    env: dict[str, str] = field(default_factory=dict)
-
-    def start(self) -> None:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as out:
-            self.popen = subprocess.Popen(
-                self.argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env={**os.environ, **self.env},
-            )
-        self.pid = self.popen.pid
-
-
-@dataclass
 class Components:
     """Local processes standing in for the release's containers (and the agent's kubelet)."""
 
-    processes: list[ChartProcess] = field(default_factory=list)
+    processes: list[Component] = field(default_factory=list)
     kubelet: KubeletDouble | None = None
     agent_node: str = ""
     agent_preset: str = ""
@@ -293,7 +273,7 @@ def extender_url(deployment: dict[str, Any]) -> str:
 
 def kube_scheduler_process(
     cluster: LocalCluster, name: str, kubeconfig: Path, extender_port: int
-) -> ChartProcess:
+) -> Component:
     """kube-scheduler as Deployment tidal-scheduler runs it, with ConfigMap
     tidal-scheduler-config's configuration, its extender on ``extender_port``."""
     binaries = cluster.binaries
@@ -331,7 +311,7 @@ def kube_scheduler_process(
         f"--authorization-kubeconfig={kubeconfig}",
         "--bind-address=127.0.0.1",
     ]
-    return ChartProcess(
+    return Component(
         name,
         argv,
         cluster.log_dir / f"{name}.log",
@@ -339,7 +319,7 @@ def kube_scheduler_process(
     )
 
 
-def scheduler_processes(cluster: LocalCluster) -> list[ChartProcess]:
+def scheduler_processes(cluster: LocalCluster) -> list[Component]:
     """The extender sidecar and kube-scheduler of Deployment tidal-scheduler, on free ports,
     as its ServiceAccount."""
     deployment = workload(cluster, "Deployment", "tidal-scheduler")
@@ -350,7 +330,7 @@ def scheduler_processes(cluster: LocalCluster) -> list[ChartProcess]:
         with_flag(command_of(extender), "--port", str(port)), "--health-port", str(health)
     )
     return [
-        ChartProcess(
+        Component(
             "tidal-extender",  # a name in LocalCluster's ORDER: failure reports carry its log
             local_tidal(argv),
             cluster.log_dir / "tidal-extender.log",
@@ -361,7 +341,7 @@ def scheduler_processes(cluster: LocalCluster) -> list[ChartProcess]:
     ]
 
 
-def operator_process(cluster: LocalCluster, name: str = "tidal-operator") -> ChartProcess:
+def operator_process(cluster: LocalCluster, name: str = "tidal-operator") -> Component:
     """Deployment tidal-operator's container, its ports free ones, POD_ID ``name``."""
     deployment = workload(cluster, "Deployment", "tidal-operator")
     container = container_of(deployment, "operator")
@@ -377,7 +357,7 @@ def operator_process(cluster: LocalCluster, name: str = "tidal-operator") -> Cha
     if any(arg.startswith("--metrics-port=") for arg in argv):
         argv = with_flag(argv, "--metrics-port", metrics)
     env["TIDAL_OPERATOR_METRICS_PORT"] = metrics
-    return ChartProcess(
+    return Component(
         name,
         local_tidal(argv),
         cluster.log_dir / f"{name}.log",
@@ -386,7 +366,7 @@ def operator_process(cluster: LocalCluster, name: str = "tidal-operator") -> Cha
     )
 
 
-def agent_process(cluster: LocalCluster, node: str, preset: str, plugin_dir: Path) -> ChartProcess:
+def agent_process(cluster: LocalCluster, node: str, preset: str, plugin_dir: Path) -> Component:
     daemon_set = workload(cluster, "DaemonSet", "tidal-node-agent")
     container = container_of(daemon_set, "node-agent")
     env = env_of(container, {"spec.nodeName": node})
@@ -397,7 +377,7 @@ def agent_process(cluster: LocalCluster, node: str, preset: str, plugin_dir: Pat
         "TIDAL_NODE_AGENT_METRICS_PORT": str(port),
         "KUBECONFIG": str(account_kubeconfig(cluster, daemon_set)),
     }
-    return ChartProcess(
+    return Component(
         "chart-node-agent",
         local_tidal([*command_of(container), "--fake", preset]),  # no NVML here
         cluster.log_dir / "chart-node-agent.log",

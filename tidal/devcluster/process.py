@@ -77,6 +77,7 @@ class Component:
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     pid: int | None = None
     prepare: Callable[[], None] | None = field(default=None, repr=False)  # before each start
+    env: dict[str, str] = field(default_factory=dict)  # on top of this process's environment
 
     def start(self) -> None:
         if self.prepare is not None:
@@ -91,6 +92,7 @@ class Component:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None,
             )
         self.pid = self.popen.pid
 

@@ -648,6 +648,41 @@ def test_uninstall_keeps_the_crds_and_the_workloads(
     assert not [r.metadata.name for r in roles if r.metadata.name.startswith("tidal-")]
 
 
+def one_operator_works_then_hands_over(
+    processes: Components, custom: Any, core: Any, ns: str
+) -> Component:
+    """Both operators join ClusterKopfPeering tidal-operator, exactly one reconciles, and when
+    it stops the other takes over; returns the one stopped."""
+    peering = ("kopf.dev", "v1", "clusterkopfpeerings", "tidal-operator")
+
+    def both_peers() -> Any:
+        status = custom.get_cluster_custom_object(*peering).get("status") or {}
+        return status if {"operator-a", "operator-b"} <= set(status) else None
+
+    processes.wait(both_peers, "both operators in ClusterKopfPeering tidal-operator")
+    # Each replica draws its own peering priority: one works, the other stays paused in
+    # its favour (equal priorities would pause both, and nothing would be reconciled).
+    # kopf starts every replica paused and logs "Resuming" when it finds itself the
+    # highest live peer; the lower one logs "Pausing" only if it had been working first.
+    custom.create_namespaced_custom_object(GROUP, VERSION, ns, "llmservices", service("ha", 1))
+    processes.wait(lambda: service_pods(core, ns, "ha"), "the active operator to make a pod")
+    operators = ("operator-a", "operator-b")
+
+    def working(name: str) -> bool:
+        log = processes.log(name)
+        return log.rfind("Resuming operations after the pause") > log.rfind("Pausing")
+
+    active = [name for name in operators if working(name)]
+    assert len(active) == 1, active
+    (standby,) = set(operators) - set(active)
+    assert "created pod" not in processes.log(standby)
+    # Failover: the active replica leaves the peering on SIGTERM, the standby takes over.
+    (leaving,) = [p for p in processes.processes if p.name == active[0]]
+    leaving.stop()
+    processes.wait(lambda: working(standby), f"{standby} to resume after {active[0]} left")
+    return leaving
+
+
 def test_reinstall_with_two_replicas_elects_a_scheduler_and_peers_the_operators(
     cluster: LocalCluster, core: Any, custom: Any, ns: str
 ) -> None:
@@ -699,27 +734,14 @@ def test_reinstall_with_two_replicas_elects_a_scheduler_and_peers_the_operators(
             f"{follower} to try for the lease",
         )
 
-        def both_peers() -> Any:
-            status = custom.get_cluster_custom_object(*peering).get("status") or {}
-            return status if {"operator-a", "operator-b"} <= set(status) else None
-
-        processes.wait(both_peers, "both operators in ClusterKopfPeering tidal-operator")
-        # Each replica draws its own peering priority: one works, the other pauses in its
-        # favour (equal priorities would pause both, and nothing would be reconciled).
-        custom.create_namespaced_custom_object(GROUP, VERSION, ns, "llmservices", service("ha", 1))
-        processes.wait(lambda: service_pods(core, ns, "ha"), "the active operator to make a pod")
-        paused = [
-            name
-            for name in ("operator-a", "operator-b")
-            if "Pausing operations in favour of" in processes.log(name)
-        ]
-        assert len(paused) == 1, paused
+        leaving = one_operator_works_then_hands_over(processes, custom, core, ns)
         assert not any(
             "Pausing all operators, including self" in processes.log(name)
             for name in ("operator-a", "operator-b")
         )
         for process in processes.processes:
-            assert process.exited() is None, f"{process.name} exited\n{tail(process.log)}"
+            if process is not leaving:
+                assert process.exited() is None, f"{process.name} exited\n{tail(process.log)}"
             denied = [
                 line for line in processes.log(process.name).splitlines() if DENIED.search(line)
             ]

@@ -6,6 +6,10 @@
 # download + dpkg -x, no root needed) into ${TIDAL_PROMETHEUS_DIR:-~/.cache/tidal/prometheus};
 # the package's prometheus binary lands beside it (usr/bin/). Where there is no apt-get, it says
 # so and goes on (the test then skips, or fails under TIDAL_E2E=require).
+#
+# And Debian's chromium-headless-shell (the web view's browser test), installed with apt-get
+# when running as root (as CI does) and not already there; otherwise it says so and the test
+# skips, or fails under TIDAL_E2E=require.
 set -euo pipefail
 
 PROMETHEUS_DIR="${TIDAL_PROMETHEUS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tidal/prometheus}"
@@ -38,5 +42,24 @@ fetch_promtool() {
   "$PROMETHEUS_DIR/usr/bin/promtool" --version | sed -n 1p
 }
 
+install_headless_chromium() {
+  if command -v chromium-headless-shell >/dev/null; then
+    echo "chromium-headless-shell present: $(command -v chromium-headless-shell)"
+    return
+  fi
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    echo "not root or no apt-get: chromium-headless-shell not installed (the browser test skips)" >&2
+    return
+  fi
+  echo "installing Debian's chromium-headless-shell"
+  local install=(apt-get install -y -q --no-install-recommends chromium-headless-shell)
+  if ! DEBIAN_FRONTEND=noninteractive "${install[@]}" >/dev/null 2>&1; then
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive "${install[@]}" >/dev/null
+  fi
+  chromium-headless-shell --version
+}
+
 fetch_promtool
+install_headless_chromium
 exec "$(dirname "$0")/../tidal/devcluster/build.sh" "$@"

@@ -17,6 +17,7 @@ from tidal.node_agent.facts import fake_facts
 from tidal.node_agent.publish import Discovery, gpu_topology
 from tidal.scheduler_extender.cache import ClusterCache
 from tidal.scheduler_extender.extender import Extender, ExtenderSettings
+from tidal.scheduler_extender.filtering import has_soft_preferences
 from tidal.scheduler_extender.translate import reservation_message
 from tidal.scheduler_extender.wire import (
     BindArgs,
@@ -210,6 +211,61 @@ def test_filter_passes_only_nodes_with_a_free_aligned_set(cluster: Any) -> None:
     assert scores[1]["Score"] > 0
 
 
+def test_a_pod_without_soft_preferences_gets_one_node_so_kube_scheduler_skips_scoring(
+    cluster: Any,
+) -> None:
+    """kube-scheduler binds a lone passing node without scoring or calling prioritize: the
+    pod goes where tidal's ranking puts it (the fuller node), in one round trip."""
+    extender, fake = cluster
+    fake.add(pod("b0", 1, node="cube-a", held=[0]))
+    single = fake.add(pod("single", 1))
+    result = extender.filter(filter_args(single, ["cube-a", "cube-b"]))
+    assert result["NodeNames"] == ["cube-a"]
+    assert result["FailedNodes"] == {}
+    assert result["FailedAndUnresolvableNodes"] == {
+        "cube-b": "tidal chose a better-aligned or fuller node for this pod"
+    }
+    assert extender.bind(BindArgs("single", "ns", "uid-single", "cube-a"))["Error"] == ""
+    assert fake.calls[-1] == ("bind", "single")
+
+
+@pytest.mark.parametrize(
+    "preference",
+    [
+        {"affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 1, "preference": {"matchExpressions": [
+                {"key": "zone", "operator": "In", "values": ["a"]}]}}]}}},
+        {"affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 1, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}}},
+        {"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway"}]},
+    ],
+)  # fmt: skip
+def test_a_pod_with_soft_preferences_gets_every_fitting_node_and_scores(
+    cluster: Any, preference: dict[str, Any]
+) -> None:
+    extender, fake = cluster
+    fake.add(pod("b0", 1, node="cube-a", held=[0]))
+    spread = pod("spread", 1)
+    spread["spec"].update(preference)
+    fake.add(spread)
+    result = extender.filter(filter_args(spread, ["cube-a", "cube-b"]))
+    assert result["NodeNames"] == ["cube-a", "cube-b"]
+    answer = extender.prioritize(filter_args(spread, ["cube-a", "cube-b"]))
+    scores = {s["Host"]: s["Score"] for s in answer}
+    assert scores["cube-a"] > scores["cube-b"] > 0
+
+
+def test_hard_constraints_are_not_soft_preferences() -> None:
+    required = pod("p", 1)
+    required["spec"]["affinity"] = {
+        "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {}}
+    }
+    required["spec"]["topologySpreadConstraints"] = [{"whenUnsatisfiable": "DoNotSchedule"}]
+    assert not has_soft_preferences(required)
+    assert not has_soft_preferences({"spec": "not an object"})
+
+
 def test_bind_writes_an_aligned_set_and_never_double_allocates(cluster: Any) -> None:
     extender, fake = cluster
     fake.add(pod("b0", 4, node="cube-a", held=[0, 1, 2, 3]))
@@ -396,8 +452,10 @@ def test_unhealthy_gpus_are_never_placed_on_nor_freed_by_preemption(cluster: Any
     fake.add(pod("b-low", 4, node="cube-b", held=[4, 5, 6, 7]))
     # cube-a has one whole NVLink quad left ({4,5,6,7}); GPU 3 spoils the other
     first = fake.add(pod("tp4-a", 4, priority=ONLINE, guaranteed=True))
+    result = extender.filter(filter_args(first, ["cube-a"]))
+    assert result["NodeNames"] == ["cube-a"]  # its healthy quad
     result = extender.filter(filter_args(first, ["cube-a", "cube-b"]))
-    assert sorted(result["NodeNames"]) == ["cube-a", "cube-b"]
+    assert result["NodeNames"] == ["cube-b"]  # the fuller node: tidal's one choice
     fake.add(pod("tp4-a", 4, node="cube-a", held=[4, 5, 6, 7], priority=ONLINE))
     fake.add(pod("tp4-b", 4, node="cube-b", held=[0, 1, 2, 3], priority=ONLINE))
     # now only a preemption on cube-b can make room; cube-a's quad {0,1,2,3} has a bad GPU

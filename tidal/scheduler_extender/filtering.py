@@ -12,14 +12,16 @@ reservation on the preemptor pod. Every path ends in one :class:`FilterDecision`
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from tidal.kubeclient import KubeApiError
 from tidal.placement import (
     Code,
     FilterResult,
     NoPlan,
+    Placement,
     Plan,
     PodRequest,
     Reservation,
@@ -73,6 +75,12 @@ def decide(
             return _reserved(ext, request, held, args.node_names)
         outcome = filter_nodes(ext.cache.snapshot, request, args.node_names)
         passed, failed, unresolvable = _split(ext, outcome, args.node_names)
+        if passed and not has_soft_preferences(pod):
+            best = cast(Placement, outcome.best())
+            others = {n: _NOT_BEST for n in passed if n != best.node}
+            return FilterDecision(
+                "fits", [best.node], failed, {**unresolvable, **others}, pod_uid=request.uid
+            )
         if passed:
             _remember_scores(ext, request, outcome)
             return FilterDecision("fits", passed, failed, unresolvable, pod_uid=request.uid)
@@ -84,6 +92,33 @@ def decide(
             return _nowhere("no-plan", request, failed, unresolvable, plan.reason)
         record = ext.reserve(request, plan, pod)
     return _evict_for(ext, args.node_names, pod, request, plan, record)
+
+
+# One node passed: kube-scheduler then skips scoring and the prioritize call (a round trip
+# and a scoring pass over every node), and binds where tidal's ranking put the pod. Without
+# it, kube-scheduler's own scores (least-allocated CPU and memory, balanced allocation, image
+# locality: up to several hundred points) outweigh the extender's 0..50 and undo its packing.
+_NOT_BEST = "tidal chose a better-aligned or fuller node for this pod"
+
+
+def has_soft_preferences(pod: Mapping[str, Any]) -> bool:
+    """Whether the pod asks kube-scheduler's scoring for something: preferred node or pod
+    (anti-)affinity, or a ScheduleAnyway spread. Such a pod gets every node that fits, and the
+    extender's score is one voice among kube-scheduler's; any other pod gets tidal's best."""
+    spec = pod.get("spec")
+    spec = spec if isinstance(spec, dict) else {}
+    affinity = spec.get("affinity")
+    if isinstance(affinity, dict):
+        for kind in ("nodeAffinity", "podAffinity", "podAntiAffinity"):
+            rules = affinity.get(kind)
+            if isinstance(rules, dict) and rules.get(
+                "preferredDuringSchedulingIgnoredDuringExecution"
+            ):
+                return True
+    spreads = spec.get("topologySpreadConstraints")
+    return isinstance(spreads, list) and any(
+        isinstance(c, dict) and c.get("whenUnsatisfiable") == "ScheduleAnyway" for c in spreads
+    )
 
 
 def _split(

@@ -1,6 +1,6 @@
 """Scheduling throughput of the real kube-scheduler on KWOK GPU nodes (tidal.devcluster).
 
-    python bench/k8s_throughput.py [--nodes 500,1000] [--pods-per-node 2] [--out bench/results]
+    python bench/k8s_throughput.py [--nodes 500,1000] [--pods-per-node 2] [--runs 1] [--out bench/results]
 
 For each cluster size: a fresh control plane (etcd, kube-apiserver, kube-scheduler with the
 `tidal-scheduler` profile, KWOK), N fake 8-GPU nodes (DGX H100 and DGX-1V in equal parts), then
@@ -111,11 +111,14 @@ def extender_metrics(local: LocalCluster) -> dict[str, Any]:
 
 def verb_quantiles(local: LocalCluster) -> dict[str, float]:
     family = extender_metrics(local)["tidal_extender_verb_duration_seconds"]
-    out = {}
+    out: dict[str, float] = {}
     for verb in ("filter", "prioritize", "bind"):
         samples = [s for s in family.samples if s.labels.get("verb") == verb]
         only = type(family)(family.name, family.documentation, family.type)
         only.samples = samples
+        out[f"{verb}_calls"] = int(sum(s.value for s in samples if s.name.endswith("_count")))
+        if not out[f"{verb}_calls"]:
+            continue  # e.g. prioritize: kube-scheduler skips it when filter passes one node
         for q in (0.5, 0.99):
             out[f"{verb}_p{int(q * 100)}_ms"] = round(histogram_quantile(only, q) * 1000, 2)
     return out
@@ -192,6 +195,21 @@ def run_size(nodes: int, pods_per_node: float, seed: int, extender: bool) -> dic
         local.stop()
 
 
+def print_ratios(rows: list[dict[str, Any]]) -> None:
+    """Extender over alone, per run and size: the two ran back to back on the same pods."""
+    rate = {(r["run"], r["nodes"], r["mode"]): r["pods_per_second"] for r in rows}
+    pairs = sorted({(run, nodes) for run, nodes, _ in rate})
+    lines = [
+        f"| {run} | {nodes} | {rate[run, nodes, 'alone']} | {rate[run, nodes, 'extender']} | "
+        f"{rate[run, nodes, 'extender'] / rate[run, nodes, 'alone']:.2f} |"
+        for run, nodes in pairs
+        if (run, nodes, "alone") in rate and (run, nodes, "extender") in rate
+    ]
+    if lines:
+        print("\n| run | nodes | alone pods/s | extender pods/s | ratio |\n|---|---|---|---|---|")
+        print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", default="500,1000", help="comma-separated cluster sizes")
@@ -200,14 +218,19 @@ def main() -> None:
     parser.add_argument(
         "--modes", default="alone,extender", help="alone (kube-scheduler only), extender, or both"
     )
+    parser.add_argument(
+        "--runs", type=int, default=1, help="repeat every size and mode (the ratio is per run)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     rows = []
     modes = args.modes.split(",")
-    for nodes in [int(n) for n in args.nodes.split(",")]:
-        for mode in modes:
-            print(f"{nodes} nodes, {mode}", flush=True)
-            rows.append(run_size(nodes, args.pods_per_node, args.seed, mode == "extender"))
+    for run in range(1, args.runs + 1):
+        for nodes in [int(n) for n in args.nodes.split(",")]:
+            for mode in modes:
+                print(f"run {run}: {nodes} nodes, {mode}", flush=True)
+                row = run_size(nodes, args.pods_per_node, args.seed, mode == "extender")
+                rows.append({"run": run, **row})
     print(
         "\n| nodes | pods | mode | pods/s | s to bind all | attempt p50 / p99 ms | "
         "filter p50 / p99 ms | prioritize p50 / p99 ms | bind p50 / p99 ms |"
@@ -223,6 +246,7 @@ def main() -> None:
             f"{r['seconds_to_bind_all']} | {r['attempt_p50_ms']} / {r['attempt_p99_ms']} | "
             f"{verbs} |"
         )
+    print_ratios(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
         "command": "python bench/k8s_throughput.py " + " ".join(sys.argv[1:]),

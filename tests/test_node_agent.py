@@ -137,6 +137,14 @@ def test_manifests_cli_prints_the_rbac_and_daemonset_with_the_chosen_settings() 
     assert env["TIDAL_GPU_RESOURCE"] == "x.io/gpu"
     assert pod["tolerations"][0]["key"] == "x.io/gpu"
     assert container["volumeMounts"][0]["mountPath"] == "/var/lib/kubelet/device-plugins"
+    # root for the kubelet's root-owned socket directory (the image's user is not), and nothing
+    # more: no capability, no escalation, read-only root filesystem
+    assert pod["securityContext"]["runAsUser"] == 0
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+    }
     defaults = yaml.safe_load_all(runner.invoke(app, ["node-agent", "manifests"]).output)
     assert list(defaults)[3]["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
     bad = runner.invoke(app, ["node-agent", "manifests", "--node-selector", "pool"])

@@ -84,6 +84,14 @@ def _pod_spec(settings: AgentDeployment) -> dict[str, Any]:
             {"key": settings.resource, "operator": "Exists", "effect": "NoSchedule"},
             {"key": "CriticalAddonsOnly", "operator": "Exists"},
         ],
+        # Root, explicitly: the image runs as a non-root user, and the kubelet's device-plugin
+        # directory (where the agent creates its socket) is root-owned. No capability, no
+        # privilege: root here can write that directory and little else.
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "containers": [_container(settings)],
         "volumes": [
             {"name": "device-plugins", "hostPath": {"path": PLUGIN_DIR, "type": "Directory"}}

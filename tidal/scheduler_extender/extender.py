@@ -13,7 +13,7 @@ extender's own filter passed for it.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,6 +33,7 @@ from tidal.scheduler_extender.wire import (
     preempt_result,
 )
 from tidal.topology import bits
+from tidal.webview.snapshot import RECENT_PREEMPTIONS, PreemptionRecord, Victim
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ class Extender:
         self.scores: dict[str, dict[str, int]] = {}  # pod UID -> node scores from its filter
         self.passed: OrderedDict[str, frozenset[str]] = OrderedDict()  # UID -> nodes passed
         self.waiting: OrderedDict[str, _Waiting] = OrderedDict()  # UID -> its filter history
+        # The latest preemptions carried out, oldest first, for the web view (under the lock).
+        self.preemptions: deque[PreemptionRecord] = deque(maxlen=RECENT_PREEMPTIONS)
         self.metrics.cache.source = self.cache_view
 
     # -- the verbs: decide, count, answer -------------------------------------------------
@@ -232,17 +235,24 @@ class Extender:
         if record is not None and record.preemptor and record.first_failed is not None:
             self.metrics.preemptor_wait.observe(max(0.0, now - record.first_failed))
 
-    def pending_reasons(self) -> dict[str, int]:
-        """Unbound GPU pods for this extender's scheduler, by their last filter outcome (every
-        outcome, 0 included)."""
-        counts = dict.fromkeys((*filtering.OUTCOMES, UNFILTERED), 0)
+    def pending_outcomes(self) -> dict[str, str]:
+        """Each unbound GPU pod for this extender's scheduler (by UID) with its last filter
+        outcome, or ``unfiltered``."""
+        outcomes = {}
         with self.cache.lock:
             for uid, pod in self.cache.pending.items():
                 if (pod.get("spec") or {}).get("schedulerName") != self.settings.scheduler_name:
                     continue
                 record = self.waiting.get(uid)
-                reason = record.outcome if record is not None else UNFILTERED
-                counts[reason] = counts.get(reason, 0) + 1
+                outcomes[uid] = record.outcome if record is not None else UNFILTERED
+        return outcomes
+
+    def pending_reasons(self) -> dict[str, int]:
+        """Unbound GPU pods for this extender's scheduler, by their last filter outcome (every
+        outcome, 0 included)."""
+        counts = dict.fromkeys((*filtering.OUTCOMES, UNFILTERED), 0)
+        for reason in self.pending_outcomes().values():
+            counts[reason] = counts.get(reason, 0) + 1
         return counts
 
     def cache_view(self) -> CacheView:
@@ -262,17 +272,40 @@ class Extender:
         )
         self.cache.reserve(record.reservation(request.uid))
         self._waiting(request.uid, failed=True).preemptor = True
-        self.metrics.preemption(self._preemption_facts(request, plan, pod))
+        victims = self._victims(plan)
+        facts = self._preemption_facts(request, plan, pod, victims)
+        self.metrics.preemption(facts)
+        self.preemptions.append(
+            PreemptionRecord(
+                time=self.cache.clock(),
+                preemptor=request.name,
+                klass=facts.preemptor_class,
+                tier=facts.tier,
+                node=plan.node,
+                victims=victims,
+                victim_gpus=sum(facts.victim_gpus.values()),
+                wasted_gpus=facts.wasted_gpus,
+                lost_gpu_seconds=facts.lost_gpu_seconds,
+            )
+        )
         return record
 
+    def _victims(self, plan: Plan) -> tuple[Victim, ...]:
+        """The plan's victims as the cache knows them (under the cache lock)."""
+        victims = []
+        for uid in plan.victims:
+            info = self.cache.snapshot.pods.get(uid)
+            name = info.name if info else uid
+            klass = pod_class(self.cache.bound_pod(uid))
+            victims.append(Victim(name, klass, info.gpu_count if info else 0))
+        return tuple(victims)
+
     def _preemption_facts(
-        self, request: PodRequest, plan: Plan, pod: dict[str, Any]
+        self, request: PodRequest, plan: Plan, pod: dict[str, Any], victims: tuple[Victim, ...]
     ) -> PreemptionFacts:
         victim_gpus: dict[str, int] = {}
-        for uid in plan.victims:
-            victim = self.cache.snapshot.pods.get(uid)
-            klass = pod_class(self.cache.bound_pod(uid))
-            victim_gpus[klass] = victim_gpus.get(klass, 0) + (victim.gpu_count if victim else 0)
+        for victim in victims:
+            victim_gpus[victim.klass] = victim_gpus.get(victim.klass, 0) + victim.gpus
         return PreemptionFacts(
             preemptor_class=pod_class(pod),
             tier=request.tier.label,

@@ -55,6 +55,7 @@ class Holder:
     workload: str  # the owning LLMService / LLMBatchJob (tidal.dev labels), else the pod
     klass: str  # online | batch | other
     tier: str  # the pod's tidal.dev/topology-tier annotation, "" without one
+    mode: str = ""  # its tidal.dev/topology-mode (guaranteed, best-effort, none), "" without
 
     @staticmethod
     def of(pod: Mapping[str, Any] | None, fallback: str) -> Holder:
@@ -67,7 +68,8 @@ class Holder:
         labels, notes = _section(meta, "labels"), _section(meta, "annotations")
         owner = _text(labels.get(api.LABEL_LLMSERVICE)) or _text(labels.get(api.LABEL_LLMBATCHJOB))
         tier = _text(notes.get(api.ANNOTATION_TOPOLOGY_TIER))
-        return Holder(namespace, name, owner or name, pod_class(pod), tier)
+        mode = _text(notes.get(api.ANNOTATION_TOPOLOGY_MODE))
+        return Holder(namespace, name, owner or name, pod_class(pod), tier, mode)
 
 
 def _text(value: object) -> str:

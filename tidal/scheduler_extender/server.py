@@ -1,4 +1,5 @@
-"""HTTP service: the four verbs, /healthz, /readyz and /metrics (Starlette on uvicorn, orjson).
+"""HTTP service: the four verbs, /healthz, /readyz, /metrics and the read-only web view
+(/dashboard, /dashboard/snapshot.json) (Starlette on uvicorn, orjson).
 
 Bounded against slow or hostile callers: a body larger than ``max_body_bytes`` is refused with
 413 before it is read whole, a body that does not arrive within ``body_timeout_s`` gets 408,
@@ -26,7 +27,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tidal.scheduler_extender.extender import Extender
+from tidal.scheduler_extender.webview import build_snapshot
 from tidal.scheduler_extender.wire import WireError, parse_bind, parse_filter, parse_preempt
+from tidal.webview.page import content_security_policy, render_page
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
@@ -148,8 +151,9 @@ def create_app(
 
 
 def health_routes(extender: Extender, ready: Callable[[], bool]) -> list[Route]:
-    """/healthz, /readyz and /metrics: also served alone on the health port, which carries
-    no verb, so probes and Prometheus need no client certificate."""
+    """/healthz, /readyz, /metrics and the web view: also served alone on the health port,
+    which carries no verb, so probes, Prometheus and a port-forward need no client
+    certificate. None of them changes anything (GET and HEAD only)."""
     metrics = extender.metrics
 
     async def healthz(_: Request) -> Response:
@@ -175,7 +179,36 @@ def health_routes(extender: Extender, ready: Callable[[], bool]) -> list[Route]:
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
+        *webview_routes(extender),
     ]
+
+
+# Neither the page nor its data is cached (both change every refresh) or sniffed as another type.
+_NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+
+def webview_routes(extender: Extender) -> list[Route]:
+    """The live web view: the page, which fetches the snapshot beside it every 2 s."""
+    # Relative, so the page also works behind a path prefix (kubectl proxy, an ingress).
+    page = render_page("dashboard/snapshot.json", None)
+    page_headers = {**_NO_STORE, "Content-Security-Policy": content_security_policy()}
+    # One build at a time: however many pages poll (or a caller floods), the verbs sharing the
+    # cache lock and the CPU wait for one snapshot's copy, not many.
+    building = asyncio.Semaphore(1)
+
+    async def dashboard(_: Request) -> Response:
+        return Response(page, media_type="text/html; charset=utf-8", headers=page_headers)
+
+    def snapshot_json() -> bytes:
+        return orjson.dumps(build_snapshot(extender).to_json())
+
+    async def snapshot(_: Request) -> Response:
+        # Off the event loop, like /metrics: a large pool's snapshot takes a while to build.
+        async with building:
+            body = await run_in_threadpool(snapshot_json)
+        return Response(body, media_type=JSON, headers=_NO_STORE)
+
+    return [Route("/dashboard", dashboard), Route("/dashboard/snapshot.json", snapshot)]
 
 
 def create_health_app(extender: Extender, ready: Callable[[], bool]) -> Starlette:

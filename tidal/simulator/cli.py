@@ -1,6 +1,6 @@
 """``tidal simulate``: load a scenario's traces, say what was loaded and dropped, replay every
 policy with a progress bar, and print the metrics side by side (``--dry-run``: stop after the
-loading summary)."""
+loading summary; ``--dashboard``: also write a replay of the day as tidal's web view)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from rich.table import Table
 
 from tidal.placement import make_policy
 from tidal.simulator.data import DataError
+from tidal.simulator.replay import record_replay, recorded_policy, write_dashboard
 from tidal.simulator.report import LoadReport
 from tidal.simulator.run import Inputs, prepare, simulate
 from tidal.simulator.scenario import Scenario, ScenarioError, load_scenario
@@ -51,6 +52,16 @@ def simulate_command(
             "--dry-run", help="Load the traces and print what was loaded and dropped; no replay."
         ),
     ] = False,
+    dashboard: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the day as tidal's web view to this HTML file, to watch offline "
+            "(a replay of the tidal policy, or of the first one replayed)."
+        ),
+    ] = None,
+    dashboard_every: Annotated[
+        float, typer.Option(min=1.0, help="Simulated minutes between the web view's frames.")
+    ] = 10.0,
 ) -> None:
     """Replay a day of real traces through the placement core, every policy side by side."""
     scenario = _scenario(scenario_file, quick, policy)
@@ -67,6 +78,17 @@ def simulate_command(
         from tidal.simulator.plots import write_overview  # noqa: PLC0415  (matplotlib is slow to import)
 
         console.print(f"figure:  {write_overview(result, out / 'overview.png')}")
+    if dashboard is not None:
+        _dashboard(scenario, inputs, dashboard, dashboard_every * 60)
+
+
+def _dashboard(scenario: Scenario, inputs: Inputs, path: Path, every_s: float) -> None:
+    policy = recorded_policy(scenario)
+    with console.status(f"recording the web view of {policy}"):
+        frames = record_replay(scenario, inputs, policy, every_s)
+    written = write_dashboard(path, frames).resolve()
+    console.print(f"web view: {written} ({len(frames)} frames of {policy})")
+    console.print(f"  open it in a browser: file://{written}")
 
 
 def _scenario(path: Path | None, quick: bool, policies: list[str] | None) -> Scenario:

@@ -1,16 +1,22 @@
 """Small helpers for e2e tests: polling with a readable failure, binaries or skip, a running
-cluster per module, a namespace per test."""
+cluster per module, a namespace per test, the model volume and worker pods run as local
+processes, node agents run as local processes."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from e2e.pod_process import PodProcess
 from tidal.devcluster import Binaries, ClusterOptions, DevClusterError, LocalCluster, find_binaries
 
 T = TypeVar("T")
@@ -72,3 +78,99 @@ def running_cluster(
         yield local
     finally:
         local.stop()
+
+
+# -- workers: the model volume, and worker pods run as local processes ------------------------
+
+MODEL_CLAIM = "models"
+NO_GPUS = {"CUDA_VISIBLE_DEVICES": ""}  # the device plugin's Allocate environment, CPU-only
+
+
+def model_volume(root: Path) -> str:
+    """Fill ``root`` as the model volume (a folder standing in for the claim, SmolLM2 in it);
+    the model's pvc:// URI."""
+    from tidal.inference_worker.weights.resolve import smollm2_gguf  # noqa: PLC0415
+
+    model = smollm2_gguf()
+    (root / MODEL_CLAIM).mkdir()
+    (root / MODEL_CLAIM / model.name).symlink_to(model)
+    return f"pvc://{MODEL_CLAIM}/{model.name}"
+
+
+def claim_model_volume(core: Any, ns: str, root: Path) -> None:
+    """The claim the pods mount: a PersistentVolume on the local folder, bound to it (the
+    scheduler places a pod only once its claims are bound)."""
+    pv = f"{ns}-{MODEL_CLAIM}"
+    core.create_persistent_volume({
+        "metadata": {"name": pv},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"],
+                 "storageClassName": "", "hostPath": {"path": str(root / MODEL_CLAIM)},
+                 "claimRef": {"namespace": ns, "name": MODEL_CLAIM}},
+    })  # fmt: skip
+    core.create_namespaced_persistent_volume_claim(ns, {
+        "metadata": {"name": MODEL_CLAIM},
+        "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": pv,
+                 "resources": {"requests": {"storage": "1Gi"}}},
+    })  # fmt: skip
+
+    def bound() -> bool:
+        phase: str = core.read_namespaced_persistent_volume_claim(MODEL_CLAIM, ns).status.phase
+        return phase == "Bound"
+
+    wait_for(bound, f"claim {MODEL_CLAIM} to bind", 60)
+
+
+def model_spec(uri: str) -> dict[str, Any]:
+    """An LLMService's or LLMBatchJob's spec.model: SmolLM2 at ``uri``, served as "smol"."""
+    return {"name": "smol", "uri": uri, "dtype": "float32", "attention": "fp16"}
+
+
+def run_pod(
+    cluster: LocalCluster,
+    core: Any,
+    ns: str,
+    name: str,
+    tmp: Path,
+    volume: Path,
+    admit: Callable[[dict[str, Any]], Mapping[str, str]] | None = None,
+) -> PodProcess:
+    """Run worker pod ``ns/name`` as a local process (CPU only, the model volume at
+    ``volume``, a token bound to the pod; ``admit`` as :class:`PodProcess` takes it), started."""
+    process = PodProcess(
+        core, name, ns, extra_env={**NO_GPUS, "TIDAL_PVC_ROOT": str(volume)},
+        kubeconfig=cluster.pod_kubeconfig(ns, name, tmp / f"{name}.kubeconfig"), log_dir=tmp,
+        admit=admit,
+    )  # fmt: skip
+    process.start()
+    return process
+
+
+# -- node agents run as local processes -------------------------------------------------------
+
+
+@dataclass
+class NodeAgent:
+    """`tidal node-agent run` for ``node`` (``args``: --fake PRESET, --fixture F, ...), its
+    device plugin in ``plugin_dir`` (a KubeletDouble's), /metrics on ``metrics_port``."""
+
+    node: str
+    args: list[str]
+    log: Path
+    plugin_dir: Path
+    metrics_port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, kubeconfig: Path) -> None:
+        command = [
+            sys.executable, "-m", "tidal", "node-agent", "run", "--node-name", self.node,
+            "--kubeconfig", str(kubeconfig), "--plugin-dir", str(self.plugin_dir),
+            "--metrics-port", str(self.metrics_port), "--heartbeat", "1",
+            "--health-interval", "0.2", *self.args,
+        ]  # fmt: skip
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=20)

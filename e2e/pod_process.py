@@ -24,10 +24,15 @@ What it does, as a kubelet does:
   ``command``, when it has one, replaces it, as in Kubernetes), followed by the container's
   ``args``, ``$(VAR)`` references expanded. The environment is this process's minus ``TIDAL_*``
   and ``KUBECONFIG`` (a container sees only what its pod gives it), then the container's ``env``
-  (values, and ``fieldRef`` of the pod's metadata, spec and status), then ``extra_env`` (the
-  device plugin's Allocate environment, local stand-ins for volumes such as TIDAL_PVC_ROOT),
-  then ``KUBECONFIG=<kubeconfig>``: the credentials the kubelet would mount (give it a kubeconfig
-  with a pod-bound token, ``LocalCluster.pod_kubeconfig``). Output goes to :attr:`log_path`.
+  (values, and ``fieldRef`` of the pod's metadata, spec and status), then what ``admit``
+  returned, then ``extra_env`` (the device plugin's Allocate environment, local stand-ins for
+  volumes such as TIDAL_PVC_ROOT), then ``KUBECONFIG=<kubeconfig>``: the credentials the kubelet
+  would mount (give it a kubeconfig with a pod-bound token, ``LocalCluster.pod_kubeconfig``).
+  Output goes to :attr:`log_path`.
+- **Admits it** first, if given ``admit``: called with the bound pod before its process starts,
+  while the pod is still Pending on its node, as a kubelet admits a pod (e.g. a test calls the
+  node agent's device plugin Allocate there, which looks for the node's Pending pods); the
+  environment it returns goes to the container, as Allocate's does.
 - **Reports status.** Running with the container running when the process starts; Ready and
   ContainersReady from the readinessProbe (an HTTP GET of 127.0.0.1:<port><path>, polled every
   ``poll_s`` rather than every periodSeconds, so tests need not wait; failureThreshold failures
@@ -66,7 +71,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -180,6 +185,7 @@ class PodProcess:
         log_dir: Path | None = None,
         poll_s: float = 0.2,
         bind_timeout_s: float = 60.0,
+        admit: Callable[[dict[str, Any]], Mapping[str, str]] | None = None,
     ) -> None:
         self.core = core_api
         self.name = pod_name
@@ -189,6 +195,7 @@ class PodProcess:
         self.kubeconfig = kubeconfig
         self.poll_s = poll_s
         self.bind_timeout_s = bind_timeout_s
+        self.admit = admit
         directory = log_dir or Path(tempfile.gettempdir()) / "tidal-pod-process"
         directory.mkdir(parents=True, exist_ok=True)
         self.log_path = directory / f"{namespace}.{pod_name}.log"
@@ -213,7 +220,8 @@ class PodProcess:
             raise PodProcessError(f"pod {self.name}: started already")
         self._patch({"metadata": {"annotations": {KWOK_EXTERNAL_ANNOTATION: "true"}}})
         pod = self._wait_bound()
-        command, env = self._command(pod)
+        admitted = dict(self.admit(pod)) if self.admit is not None else {}
+        command, env = self._command(pod, admitted)
         self._log = self.log_path.open("ab")
         self._log.write(f"--- pod-process: {self.namespace}/{self.name}: {command}\n".encode())
         self._log.flush()
@@ -387,12 +395,14 @@ class PodProcess:
         container: Mapping[str, Any] = pod["spec"]["containers"][0]
         return container
 
-    def _command(self, pod: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
+    def _command(
+        self, pod: Mapping[str, Any], admitted: Mapping[str, str] | None = None
+    ) -> tuple[list[str], dict[str, str]]:
         container = self._container(pod)
         own = container_env(pod, container)
         entry = container.get("command") or self.entrypoint
         command = [expand(part, own) for part in (*entry, *(container.get("args") or ()))]
-        env = {**_inherited_env(), **own, **self.extra_env}
+        env = {**_inherited_env(), **own, **(admitted or {}), **self.extra_env}
         if self.kubeconfig is not None:
             env["KUBECONFIG"] = str(self.kubeconfig)
         return command, env

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import tempfile
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from e2e.helpers import binaries_or_skip, fresh_namespace, wait_for
+from e2e.helpers import NodeAgent, binaries_or_skip, fresh_namespace, wait_for
 from tests.kubelet_double import KubeletDouble
 from tidal import api as tidal_api
 from tidal.devcluster import ClusterOptions, LocalCluster
@@ -67,31 +65,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@dataclass
-class Agent:
-    node: str
-    args: list[str]
-    log: Path
-    plugin_dir: Path
-    metrics_port: int
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self, kubeconfig: Path) -> None:
-        command = [
-            sys.executable, "-m", "tidal", "node-agent", "run", "--node-name", self.node,
-            "--kubeconfig", str(kubeconfig), "--plugin-dir", str(self.plugin_dir),
-            "--metrics-port", str(self.metrics_port), "--heartbeat", "1",
-            "--health-interval", "0.2", *self.args,
-        ]  # fmt: skip
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=20)
-
-
 @pytest.fixture(scope="module")
 def agent_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     local = LocalCluster(
@@ -117,12 +90,12 @@ def agent_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
 
 
 @pytest.fixture(scope="module")
-def agents(agent_cluster: LocalCluster) -> Iterator[dict[str, tuple[Agent, KubeletDouble]]]:
+def agents(agent_cluster: LocalCluster) -> Iterator[dict[str, tuple[NodeAgent, KubeletDouble]]]:
     fixture = agent_cluster.workdir / "crossed-pairs.yaml"
     fixture.write_text(yaml.safe_dump(ODD_TOPOLOGY))
     # unix socket paths must stay short: a directory under /tmp, not pytest's
     with tempfile.TemporaryDirectory(prefix="tidal-dp-") as sockets:
-        started: dict[str, tuple[Agent, KubeletDouble]] = {}
+        started: dict[str, tuple[NodeAgent, KubeletDouble]] = {}
         health = agent_cluster.workdir / "agent-odd-health"
         for node, args in (
             ("agent-cube", ["--fake", "dgx1-v100"]),
@@ -133,7 +106,7 @@ def agents(agent_cluster: LocalCluster) -> Iterator[dict[str, tuple[Agent, Kubel
             kubelet = KubeletDouble(plugin_dir)
             kubelet.start()
             log = agent_cluster.log_dir / f"node-agent-{node}.log"
-            agent = Agent(node, args, log, plugin_dir, free_port())
+            agent = NodeAgent(node, args, log, plugin_dir, free_port())
             agent.start(agent_cluster.kubeconfig)
             started[node] = (agent, kubelet)
         try:
@@ -394,7 +367,7 @@ def test_the_agent_runs_with_exactly_its_cluster_role(
             kubelet = KubeletDouble(Path(sockets))
             kubelet.start()
             log = agent_cluster.log_dir / "node-agent-agent-rbac.log"
-            agent = Agent("agent-rbac", ["--fake", "dgx-h100"], log, Path(sockets), free_port())
+            agent = NodeAgent("agent-rbac", ["--fake", "dgx-h100"], log, Path(sockets), free_port())
             agent.start(kubeconfig)
             try:
                 status = published(custom, "agent-rbac")["status"]  # apply + status apply

@@ -29,18 +29,23 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from e2e.helpers import fresh_namespace, running_cluster, wait_for
-from e2e.pod_process import PodProcess
+from e2e.helpers import (
+    NO_GPUS,
+    claim_model_volume,
+    fresh_namespace,
+    model_spec,
+    model_volume,
+    run_pod,
+    running_cluster,
+    wait_for,
+)
 from tidal import api
 from tidal.devcluster import LocalCluster
 from tidal.devcluster.nodes import node_names
 from tidal.inference_worker.parallel.launch import free_port
-from tidal.inference_worker.weights.resolve import smollm2_gguf
 
 NODES = node_names(1, ["dgx1-v100"], prefix="wk")  # 8 GPUs
 RECORDS = 200
-CLAIM = "models"
-NO_GPUS = {"CUDA_VISIBLE_DEVICES": ""}  # the device plugin's Allocate environment, CPU-only
 
 
 @pytest.fixture(scope="module")
@@ -63,41 +68,11 @@ def ns(core: Any, volume: tuple[Path, str]) -> Iterator[str]:
         yield name
 
 
-def claim_model_volume(core: Any, ns: str, root: Path) -> None:
-    """The claim the pods mount: a PersistentVolume on the local folder, bound to it (the
-    scheduler places a pod only once its claims are bound)."""
-    pv = f"{ns}-{CLAIM}"
-    core.create_persistent_volume({
-        "metadata": {"name": pv},
-        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"],
-                 "storageClassName": "", "hostPath": {"path": str(root / CLAIM)},
-                 "claimRef": {"namespace": ns, "name": CLAIM}},
-    })  # fmt: skip
-    core.create_namespaced_persistent_volume_claim(ns, {
-        "metadata": {"name": CLAIM},
-        "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": pv,
-                 "resources": {"requests": {"storage": "1Gi"}}},
-    })  # fmt: skip
-
-    def bound() -> bool:
-        phase: str = core.read_namespaced_persistent_volume_claim(CLAIM, ns).status.phase
-        return phase == "Bound"
-
-    wait_for(bound, f"claim {CLAIM} to bind", 60)
-
-
 @pytest.fixture(scope="module")
 def volume(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The model volume (a folder standing in for the claim) and the model's pvc:// URI."""
     root = tmp_path_factory.mktemp("pvc")
-    model = smollm2_gguf()
-    (root / CLAIM).mkdir()
-    (root / CLAIM / model.name).symlink_to(model)
-    return root, f"pvc://{CLAIM}/{model.name}"
-
-
-def model_spec(uri: str) -> dict[str, Any]:
-    return {"name": "smol", "uri": uri, "dtype": "float32", "attention": "fp16"}
+    return root, model_volume(root)
 
 
 def write_records(path: Path) -> None:
@@ -145,17 +120,6 @@ def custom_get(custom: Any, ns: str, plural: str, name: str) -> dict[str, Any]:
         api.GROUP, api.VERSION, ns, plural, name
     )
     return obj
-
-
-def run_pod(
-    cluster: LocalCluster, core: Any, ns: str, name: str, tmp: Path, volume: Path
-) -> PodProcess:
-    process = PodProcess(
-        core, name, ns, extra_env={**NO_GPUS, "TIDAL_PVC_ROOT": str(volume)},
-        kubeconfig=cluster.pod_kubeconfig(ns, name, tmp / f"{name}.kubeconfig"), log_dir=tmp,
-    )  # fmt: skip
-    process.start()
-    return process
 
 
 def test_a_preempted_batch_worker_checkpoints_resumes_and_the_output_equals_an_uninterrupted_run(

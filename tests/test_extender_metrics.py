@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 
 from tests.test_extender import FakeCluster, filter_args, pod, published, with_health
 from tidal.devcluster.nodes import gpu_node
-from tidal.scheduler_extender.cache import ClusterCache
+from tidal.scheduler_extender.cache import WATCHED_KINDS, ClusterCache
 from tidal.scheduler_extender.extender import Extender, ExtenderSettings
 from tidal.scheduler_extender.translate import ReservationRecord
 from tidal.scheduler_extender.wire import BindArgs, parse_preempt
@@ -293,3 +293,13 @@ def test_a_preemptors_wait_runs_from_its_first_failed_filter_to_its_bind() -> No
     assert 'tidal_extender_preemptor_wait_seconds_bucket{le="60.0"} 1.0' in histogram
     assert "tidal_extender_preemptor_wait_seconds_sum 42.0" in histogram
     assert "tidal_extender_preemptor_wait_seconds_count 1.0" in histogram
+
+
+def test_cache_apply_failures_start_at_zero_for_every_watched_kind() -> None:
+    """An alert on the gauge has a series from the start, not only after a first bug."""
+    extender, _, _ = new_extender("n")
+    extender.metrics.export_cache(extender.stats(), extender.cache.apply_failures, WATCHED_KINDS)
+    assert lines(extender, "tidal_extender_cache_apply_failures") == [
+        f'tidal_extender_cache_apply_failures{{kind="{kind}"}} 0.0' for kind in WATCHED_KINDS
+    ]
+    assert set(WATCHED_KINDS) == set(extender.cache._kinds())  # one per reflector's handlers

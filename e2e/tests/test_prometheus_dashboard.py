@@ -28,7 +28,7 @@ Every panel target of the dashboard the chart ships (``tidal.dashboards``) is th
 Grafana's variables filled in (the node, the test's namespace, the model, the scheduler job;
 ``$__rate_interval`` 30s): range targets over the whole scenario, as a timeseries panel asks,
 instant ones now, as a stat or table does. Each must return a series with a number (not NaN);
-the few that cannot in any scenario are listed in EXEMPT, each with why, and must still be
+a target that cannot in any scenario would be listed in EXEMPT with why (none is), and must still be
 valid queries that return nothing. Every scrape target must be up.
 """
 
@@ -90,12 +90,7 @@ GRAFANA = {  # a value for each of the dashboard's variables
 }
 # (panel title, refId) -> why no scenario gives it data. Kept short; each is checked to be a
 # valid query that returns nothing, so an entry that gains data fails until it is removed.
-EXEMPT = {
-    ("Extender problems", "B"): "tidal_extender_cache_apply_failures{kind} exists only once a "
-    "cache change raised (a bug)",
-    ("GPU temperature", "A"): "the fake node agent samples no temperature (NVML only)",
-    ("GPU power", "A"): "the fake node agent samples no power draw (NVML only)",
-}
+EXEMPT: dict[tuple[str, str], str] = {}  # (panel, target ref) -> why it cannot have data
 _METRIC = re.compile(r"\b(?:tidal|scheduler)_[a-z0-9_]+\b")
 
 

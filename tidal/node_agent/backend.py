@@ -22,11 +22,16 @@ from tidal.node_agent.facts import (
 )
 from tidal.topology import TopologyError, build_topology
 
+IDLE_TEMPERATURE_C = 35.0  # what an idle datacenter GPU reads, about
+IDLE_POWER_W = 60.0
+
 
 class FakeBackend:
     """Serves a preset or a fixture topology as if NVML had discovered it. Health can be flipped
     with :meth:`set_health`, or from outside through ``health_file``: one line per unhealthy
-    GPU, ``INDEX REASON`` (e.g. ``3 XID 79``), read at every sample. Utilization is zero."""
+    GPU, ``INDEX REASON`` (e.g. ``3 XID 79``), read at every sample. Every GPU reads as idle:
+    no utilization or memory in use, and an idle GPU's temperature and power draw, so every
+    series NVML would give exists on a fake node too."""
 
     def __init__(self, facts: NodeFacts, health_file: Path | None = None) -> None:
         self._facts = facts
@@ -51,7 +56,13 @@ class FakeBackend:
             unhealthy = dict(self._unhealthy)
         unhealthy.update(self._from_health_file())
         return [
-            GpuSample(g.index, g.index not in unhealthy, unhealthy.get(g.index, ""))
+            GpuSample(
+                g.index,
+                g.index not in unhealthy,
+                unhealthy.get(g.index, ""),
+                temperature_c=IDLE_TEMPERATURE_C,
+                power_w=IDLE_POWER_W,
+            )
             for g in self._facts.gpus
         ]
 

@@ -43,6 +43,7 @@ from tidal.scheduler_extender.translate import (
 from tidal.topology import NodeShape
 
 log = logging.getLogger(__name__)
+WATCHED_KINDS = ("nodes", "pods", "pdbs", "gputopologies")  # what the reflectors list+watch
 
 
 @dataclass(frozen=True)

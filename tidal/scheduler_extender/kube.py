@@ -19,7 +19,7 @@ from kubernetes.watch.watch import iter_resp_lines
 
 from tidal import api
 from tidal.kubeclient import KubeApiError, call, discard, read_json
-from tidal.scheduler_extender.cache import ClusterCache
+from tidal.scheduler_extender.cache import WATCHED_KINDS, ClusterCache
 
 log = logging.getLogger(__name__)
 COMPONENT = "tidal-scheduler-extender"
@@ -276,7 +276,7 @@ class _WatchExpiredError(Exception):
     pass
 
 
-SYNCED_KINDS = frozenset({"nodes", "pods", "pdbs", "gputopologies"})
+SYNCED_KINDS = frozenset(WATCHED_KINDS)
 
 
 def start_reflectors(

@@ -10,7 +10,7 @@ other and a GPU, pod or node that goes takes its series with it.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -198,9 +198,15 @@ class ExtenderMetrics:
         self.cache = CacheCollector()
         self.registry.register(self.cache)
 
-    def export_cache(self, stats: dict[str, int], failures: dict[str, int]) -> None:
+    def export_cache(
+        self, stats: dict[str, int], failures: dict[str, int], kinds: Iterable[str] = ()
+    ) -> None:
+        """``kinds``: the kinds the cache watches, exported at 0 until a change of theirs
+        raises, so an alert on the series has something to compare from the start."""
         for kind, value in stats.items():
             self.cache_size.labels(kind).set(value)
+        for kind in kinds:
+            self.apply_failures.labels(kind).set(failures.get(kind, 0))
         for kind, value in failures.items():
             self.apply_failures.labels(kind).set(value)
 

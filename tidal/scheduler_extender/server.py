@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from tidal.scheduler_extender.cache import WATCHED_KINDS
 from tidal.scheduler_extender.extender import Extender
 from tidal.scheduler_extender.webview import build_snapshot
 from tidal.scheduler_extender.wire import WireError, parse_bind, parse_filter, parse_preempt
@@ -165,7 +166,7 @@ def health_routes(extender: Extender, ready: Callable[[], bool]) -> list[Route]:
         return Response("cache not synced", status_code=503, media_type="text/plain")
 
     def exposition() -> bytes:
-        metrics.export_cache(extender.stats(), extender.cache.apply_failures)
+        metrics.export_cache(extender.stats(), extender.cache.apply_failures, WATCHED_KINDS)
         return generate_latest(metrics.registry)
 
     async def metrics_endpoint(_: Request) -> Response:

@@ -164,7 +164,11 @@ def test_full_node_list_mode_answers_with_node_objects(cluster: Any) -> None:
     )
     assert [n["metadata"]["name"] for n in result["Nodes"]["items"]] == ["cube-a"]
     assert result["NodeNames"] is None
-    assert "not in the scheduler's cache" in result["FailedAndUnresolvableNodes"]["ghost"]
+    alone = extender.filter(
+        parse_filter({"pod": fake.add(pod("q", 4)), "nodes": {"items": nodes[1:]}})
+    )
+    assert alone["Nodes"] == {"items": []}
+    assert "not in the scheduler's cache" in alone["FailedAndUnresolvableNodes"]["ghost"]
 
 
 @pytest.mark.parametrize(
@@ -202,7 +206,9 @@ def test_filter_passes_only_nodes_with_a_free_aligned_set(cluster: Any) -> None:
     extender, fake = cluster
     for i, gpu in enumerate((0, 1, 4, 5)):
         fake.add(pod(f"b{i}", 1, node="cube-a", held=[gpu]))
-    tp4 = fake.add(pod("tp4", 4, priority=ONLINE, guaranteed=True))
+    tp4 = pod("tp4", 4, priority=ONLINE, guaranteed=True)
+    tp4["spec"]["topologySpreadConstraints"] = [{"whenUnsatisfiable": "ScheduleAnyway"}]
+    fake.add(tp4)  # with a soft preference: every fitting node passes, the others say why
     result = extender.filter(filter_args(tp4, ["cube-a", "cube-b"]))
     assert result["NodeNames"] == ["cube-b"]
     assert result["FailedNodes"] == {"cube-a": "no 4 free GPUs aligned at tier nvlink (4 free)"}
@@ -221,10 +227,8 @@ def test_a_pod_without_soft_preferences_gets_one_node_so_kube_scheduler_skips_sc
     single = fake.add(pod("single", 1))
     result = extender.filter(filter_args(single, ["cube-a", "cube-b"]))
     assert result["NodeNames"] == ["cube-a"]
-    assert result["FailedNodes"] == {}
-    assert result["FailedAndUnresolvableNodes"] == {
-        "cube-b": "tidal chose a better-aligned or fuller node for this pod"
-    }
+    # the others are left out, not failed: the maps only explain a pod that fits nowhere
+    assert result["FailedNodes"] == {} and result["FailedAndUnresolvableNodes"] == {}
     assert extender.bind(BindArgs("single", "ns", "uid-single", "cube-a"))["Error"] == ""
     assert fake.calls[-1] == ("bind", "single")
 

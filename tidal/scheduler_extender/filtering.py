@@ -76,11 +76,10 @@ def decide(
         outcome = filter_nodes(ext.cache.snapshot, request, args.node_names)
         passed, failed, unresolvable = _split(ext, outcome, args.node_names)
         if passed and not has_soft_preferences(pod):
+            # No failure map: kube-scheduler reads them only to explain a pod that fits
+            # nowhere, and at 1,000 nodes they are most of the answer's bytes.
             best = cast(Placement, outcome.best())
-            others = {n: _NOT_BEST for n in passed if n != best.node}
-            return FilterDecision(
-                "fits", [best.node], failed, {**unresolvable, **others}, pod_uid=request.uid
-            )
+            return FilterDecision("fits", [best.node], pod_uid=request.uid)
         if passed:
             _remember_scores(ext, request, outcome)
             return FilterDecision("fits", passed, failed, unresolvable, pod_uid=request.uid)
@@ -94,17 +93,14 @@ def decide(
     return _evict_for(ext, args.node_names, pod, request, plan, record)
 
 
-# One node passed: kube-scheduler then skips scoring and the prioritize call (a round trip
-# and a scoring pass over every node), and binds where tidal's ranking put the pod. Without
-# it, kube-scheduler's own scores (least-allocated CPU and memory, balanced allocation, image
-# locality: up to several hundred points) outweigh the extender's 0..50 and undo its packing.
-_NOT_BEST = "tidal chose a better-aligned or fuller node for this pod"
-
-
 def has_soft_preferences(pod: Mapping[str, Any]) -> bool:
     """Whether the pod asks kube-scheduler's scoring for something: preferred node or pod
     (anti-)affinity, or a ScheduleAnyway spread. Such a pod gets every node that fits, and the
-    extender's score is one voice among kube-scheduler's; any other pod gets tidal's best."""
+    extender's score is one voice among kube-scheduler's. Any other pod passes on tidal's best
+    node alone: kube-scheduler then skips scoring and the prioritize call (a round trip and a
+    scoring pass over every node) and binds it there, where otherwise its own scores
+    (least-allocated CPU and memory, balanced allocation, image locality: up to several hundred
+    points) would outweigh the extender's 0..50 and undo its packing."""
     spec = pod.get("spec")
     spec = spec if isinstance(spec, dict) else {}
     affinity = spec.get("affinity")

@@ -138,10 +138,10 @@ def test_pool_counts_and_intact_capacity(pool: Any) -> None:
         'tidal_pool_gpus{state="reserved"} 4.0',
         'tidal_pool_gpus{state="unhealthy"} 1.0',
     ]
-    # Free: m's quad {4-7} (16) and its PCIe pairs {4,5} {6,7} (4 + 4); n nothing.
-    # 24 of two free nodes' 2 x 128.
+    # The DGX-1V's tier domains: its NVLink quads (16 each), the cross-quad NVLink pairs
+    # {i, i+4} (4 each) and the node (64): 112 a node. Free: m's quad {4-7} (16); n nothing.
     assert lines(extender, "tidal_pool_intact_capacity_ratio") == [
-        "tidal_pool_intact_capacity_ratio 0.09375"
+        f"tidal_pool_intact_capacity_ratio {16 / 224}"
     ]
 
 

@@ -118,11 +118,21 @@ def _link_matrix(topology: Any, shape: Any) -> Table:
 
 
 def _domain_table(shape: Any) -> Table:
-    table = Table("tier", "domains (GPU indices)", title="Alignment domains")
+    """Per tier, the hardware's domains and the largest GPU sets satisfying the tier (every
+    pair at that tier or better: docs/tiers.md); alignment follows the second column."""
+    table = Table(
+        "tier",
+        "hardware domains",
+        "largest sets satisfying it",
+        title="Alignment (GPU indices)",
+    )
     for tier in NODE_TIERS:
-        groups = ["{" + ",".join(map(str, bits(d))) + "}" for d in shape.domains[tier]]
-        table.add_row(tier.label, " ".join(groups))
+        table.add_row(tier.label, _sets(shape.domains[tier]), _sets(shape.tier_domains(tier)))
     return table
+
+
+def _sets(masks: Any) -> str:
+    return " ".join("{" + ",".join(map(str, bits(mask))) + "}" for mask in masks)
 
 
 @app.command("plan")
@@ -255,12 +265,26 @@ def evaluate_command(
         Path, typer.Option(help="Folder for evaluation.md and evaluation/ (figures, JSON).")
     ] = Path("docs"),
     quick: Annotated[bool, typer.Option(help="Sampled clusters: seconds, not minutes.")] = False,
+    seed: Annotated[
+        list[int] | None,
+        typer.Option(help="Replay every scenario once per seed (repeat the option; default: 7)."),
+    ] = None,
 ) -> None:
-    """Regenerate the evaluation report: the bundled scenarios with every policy, the
-    throughput-model sweep and the optimality gap against brute force."""
-    from tidal.simulator.evaluation import SCENARIOS, evaluate  # noqa: PLC0415  (matplotlib)
+    """Regenerate the evaluation report: the bundled scenarios with every policy (once per
+    seed), the throughput-model sweep and the optimality gap against brute force."""
+    from tidal.simulator.evaluation import (  # noqa: PLC0415  (matplotlib)
+        DEFAULT_SEEDS,
+        SCENARIOS,
+        evaluate,
+    )
 
-    command = "tidal evaluate" + (" --quick" if quick else "") + f" --out {out}"
+    seeds = tuple(dict.fromkeys(seed)) if seed else DEFAULT_SEEDS
+    command = (
+        "tidal evaluate"
+        + (" --quick" if quick else "")
+        + "".join(f" --seed {s}" for s in seeds if seed)
+        + f" --out {out}"
+    )
     with Progress(console=console, transient=True) as progress:
         tasks: dict[tuple[str, str], Any] = {}
 
@@ -271,7 +295,7 @@ def evaluate_command(
             progress.update(tasks[key], completed=now)
 
         try:
-            report = evaluate(out, quick, update, command)
+            report = evaluate(out, quick, update, command, seeds)
         except (DataError, ScenarioError) as err:
             console.print(f"[red]error:[/red] {err}")
             raise typer.Exit(1) from err

@@ -147,7 +147,11 @@ TOPOLOGY = _obj(
         "tier": _str(
             enum=WORKLOAD_TIERS,
             default="nvlink",
-            description="Alignment wanted ('rack' is for gangs, which no workload here is).",
+            description=(
+                "Alignment wanted: satisfied when every pair of the group's GPUs talks at "
+                "this tier or better (the weakest link; 'rack' is for gangs, which no "
+                "workload here is)."
+            ),
         ),
     },
     description="How the GPUs of one tensor-parallel group must sit together.",

@@ -26,7 +26,7 @@ class BindDecision:
 
     outcome: str
     error: str = ""
-    tier: str = ""  # bound: the strongest tier one domain of which holds the GPUs
+    tier: str = ""  # bound: the tier the GPUs achieve (that of their weakest pair)
 
 
 def decide(ext: Extender, args: BindArgs, pod: dict[str, Any], request: PodRequest) -> BindDecision:

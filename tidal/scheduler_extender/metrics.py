@@ -159,8 +159,8 @@ class ExtenderMetrics:
         self.binds = Counter(
             "tidal_extender_binds",
             "Pods bound, by topology mode (guaranteed, best-effort, none), the tier asked "
-            "for, and the tier the bound GPUs achieve (the strongest tier one domain of which "
-            "holds them all, from the node's topology).",
+            "for, and the tier the bound GPUs achieve (the tier of their weakest pair, from "
+            "the node's topology).",
             ["mode", "requested_tier", "achieved_tier"],
             registry=self.registry,
         )

@@ -175,12 +175,12 @@ def state_counts(pool: Iterable[NodeGpus]) -> dict[GpuState, int]:
 
 def intact_capacity_ratio(pool: Iterable[NodeGpus]) -> float:
     """The simulator's M9 intact capacity over the extender's pool: the aligned capacity the
-    free GPUs keep whole (``NodeShape.intact_value``: the sum of |d|² over the topology domains
-    d of any tier entirely free), as a share of an empty pool's. 1.0: every GPU free; it falls
-    as GPUs are held and as the free ones scatter across domains. Reserved and unhealthy GPUs
-    are not free. 0 for an empty pool."""
+    free GPUs keep whole (``NodeShape.tier_intact_value``: the sum of |d|² over the largest
+    sets d satisfying some tier, entirely free), as a share of an empty pool's. 1.0: every GPU
+    free; it falls as GPUs are held and as the free ones scatter across domains. Reserved and
+    unhealthy GPUs are not free. 0 for an empty pool."""
     kept = whole = 0
     for node in pool:
-        kept += node.shape.intact_value(node.free_mask)
-        whole += node.shape.intact_value(node.shape.full_mask)
+        kept += node.shape.tier_intact_value(node.free_mask)
+        whole += node.shape.tier_intact_value(node.shape.full_mask)
     return kept / whole if whole else 0.0

@@ -25,8 +25,11 @@ MAX_GPUS_PER_NODE = 16
 
 
 class Tier(enum.IntEnum):
-    """Alignment tiers, strongest first. A GPU set is aligned at tier t when it lies inside one
-    domain of tier t."""
+    """Alignment tiers, strongest first. A GPU set is aligned at (satisfies) tier t when every
+    pair of GPUs in it communicates at t or better: the weakest link decides (docs/tiers.md).
+    A pair's tier is NVLink when they share an NVLink lane (directly or through an NVSwitch),
+    else the smallest hardware domain holding both: a PCIe switch tree, a NUMA node, a socket,
+    the node."""
 
     NVLINK = 0
     PCIE_SWITCH = 1

@@ -49,6 +49,7 @@ class NodeShape:
     numa_cores: Mapping[int, int]
     gpu_numa: tuple[int, ...]
     rack_domain: RackDomain | None
+    pair_tier: tuple[tuple[int, ...], ...]  # the tier at which two GPUs talk (docs/tiers.md)
     # Per-mask tables, index = GPU bitmask.
     aligned_tiers: list[int] = field(repr=False)
     quality: list[int] = field(repr=False)
@@ -63,13 +64,14 @@ class NodeShape:
         return tier is Tier.RACK or bool(self.aligned_tiers[mask] >> tier & 1)
 
     def tier_of(self, mask: int) -> Tier:
-        """The strongest tier at which ``mask`` is aligned (``NODE`` at worst)."""
+        """The strongest tier at which ``mask`` is aligned (``NODE`` at worst): the tier of its
+        weakest pair."""
         flags = self.aligned_tiers[mask]
         return Tier((flags & -flags).bit_length() - 1)
 
     def shortfall(self, mask: int, tier: Tier) -> int:
-        """Tier steps between the requested ``tier`` and the first tier at or below it where
-        ``mask`` is aligned: 0 when aligned as requested."""
+        """Tier steps between the requested ``tier`` and the tier ``mask`` achieves: 0 when
+        aligned as requested."""
         flags = self.aligned_tiers[mask] >> tier
         return (flags & -flags).bit_length() - 1 if flags else Tier.RACK - tier
 
@@ -111,18 +113,38 @@ class NodeShape:
             self._lazy[key] = table
         return table  # type: ignore[return-value]
 
-    def intact_value(self, free: int) -> int:
+    def tier_intact_value(self, free: int) -> int:
         """How much aligned capacity ``free`` keeps whole: the sum of |d|² over the distinct
-        domains d (any tier) entirely inside it. Large intact domains weigh most, so a placement
-        that keeps them whole scores higher than one that nibbles at each."""
-        table = self._lazy.get("intact")
+        tier domains d (:meth:`tier_domains`, any tier) entirely inside it. Large intact
+        domains weigh most, so a placement that keeps them whole scores higher than one that
+        nibbles at each. On an NVSwitch node only the whole node is a tier domain: which NUMA
+        pair a pod breaks there costs nothing a tier promises. Placement, the planner, the
+        simulator's M9 and the extender's pool metric all count it."""
+        table = self._lazy.get("tier-intact")
         if table is None:
             table = _intact_table(self._distinct_domains(), self.gpu_count)
-            self._lazy["intact"] = table
+            self._lazy["tier-intact"] = table
         return table[free]  # type: ignore[index, no-any-return]
 
+    def tier_domains(self, tier: Tier) -> tuple[int, ...]:
+        """The largest GPU sets that satisfy ``tier`` (docs/tiers.md: every pair at ``tier`` or
+        better): the maximal cliques of the graph joining GPUs whose pair tier is that good.
+        Without NVLink they are the hardware domains of the tier; on an NVSwitch node every tier
+        has one, the whole node."""
+        key = ("tier-domains", tier)
+        if key not in self._lazy:
+            graph = nx.Graph()
+            graph.add_nodes_from(range(self.gpu_count))
+            graph.add_edges_from(
+                (a, b)
+                for a, b in itertools.combinations(range(self.gpu_count), 2)
+                if self.pair_tier[a][b] <= tier
+            )
+            self._lazy[key] = tuple(sorted(mask_of(c) for c in nx.find_cliques(graph)))
+        return self._lazy[key]  # type: ignore[return-value]
+
     def _distinct_domains(self) -> list[int]:
-        return sorted({d for tier in NODE_TIERS for d in self.domains[tier]})
+        return sorted({d for tier in NODE_TIERS for d in self.tier_domains(tier)})
 
     def _quality_order(self, mask: int) -> tuple[int, int, int]:
         return (-self.quality[mask], -self.bottleneck[mask], mask)
@@ -134,6 +156,7 @@ def compile_shape(topology: NodeTopology) -> NodeShape:
     links = [[topology.link(a, b) for b in range(n)] for a in range(n)]
     weight = tuple(tuple(0 if a == b else links[a][b].weight for b in range(n)) for a in range(n))
     domains = _domains(topology)
+    pair_tier = _pair_tiers(domains, n)
     quality, bottleneck = _pair_tables(weight, n)
     return NodeShape(
         name=topology.name,
@@ -148,7 +171,8 @@ def compile_shape(topology: NodeTopology) -> NodeShape:
         numa_cores=topology.cpu_cores(),
         gpu_numa=tuple(int(topology.enclosing(g, "numa")[0][1]) for g in range(n)),
         rack_domain=topology.rack_domain,
-        aligned_tiers=_aligned_tier_table(domains, n),
+        pair_tier=pair_tier,
+        aligned_tiers=_aligned_tier_table(pair_tier, n),
         quality=quality,
         bottleneck=bottleneck,
     )
@@ -179,14 +203,33 @@ def _union(masks: Iterable[int]) -> int:
     return out
 
 
-def _aligned_tier_table(domains: Mapping[Tier, tuple[int, ...]], n: int) -> list[int]:
-    """For every mask, a bitfield of the tiers at which it lies inside one domain."""
-    table = [0] * (1 << n)
-    for tier, masks in domains.items():
-        flag = 1 << tier
-        for domain in masks:
-            for sub in _submasks(domain):
-                table[sub] |= flag
+def _pair_tiers(domains: Mapping[Tier, tuple[int, ...]], n: int) -> tuple[tuple[int, ...], ...]:
+    """The tier at which each pair of GPUs communicates: NVLink when they share a lane, else the
+    smallest hardware domain holding both (one PCIe switch tree, NUMA node, socket, the node).
+    A GPU with itself is NVLink (no link to cross)."""
+
+    def tier(a: int, b: int) -> int:
+        pair = (1 << a) | (1 << b)
+        return next(t for t in NODE_TIERS if any(d & pair == pair for d in domains[t]))
+
+    return tuple(tuple(Tier.NVLINK if a == b else tier(a, b) for b in range(n)) for a in range(n))
+
+
+def _aligned_tier_table(pair_tier: tuple[tuple[int, ...], ...], n: int) -> list[int]:
+    """For every mask, a bitfield of the tiers it satisfies: weakest link (docs/tiers.md), a set
+    satisfies tier t when every pair in it communicates at t or better, so it satisfies t and
+    every weaker node tier. Built by adding one GPU at a time: the achieved tier of a mask is
+    the worse of its rest's and the new GPU's worst pair with the rest."""
+    size = 1 << n
+    achieved = [int(Tier.NVLINK)] * size
+    node_flags = (1 << (Tier.NODE + 1)) - 1
+    table = [0] * size
+    for mask in range(1, size):
+        low = (mask & -mask).bit_length() - 1
+        rest = mask ^ (1 << low)
+        worst = max((pair_tier[low][j] for j in bits(rest)), default=int(Tier.NVLINK))
+        achieved[mask] = max(achieved[rest], worst)
+        table[mask] = node_flags & ~((1 << achieved[mask]) - 1)
     table[0] = (1 << (Tier.RACK + 1)) - 1
     return table
 

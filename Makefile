@@ -23,9 +23,10 @@ demo: setup
 	$(BIN)/tidal plan examples/plan-two-cliques.yaml
 
 # The evaluation report (docs/evaluation.md and docs/evaluation/): every bundled scenario, every
-# policy, a full simulated day each (2 min 25 s measured on 2 cores).
+# policy, a full simulated day each, over three seeds (about 20 min measured on a loaded 2-core
+# machine; one seed, `tidal evaluate --out docs`, takes about a third of that).
 report: setup
-	$(BIN)/tidal evaluate --out docs
+	$(BIN)/tidal evaluate --seed 7 --seed 2 --seed 3 --out docs
 
 lint: setup
 	$(BIN)/ruff check tidal tests bench e2e

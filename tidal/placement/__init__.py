@@ -2,6 +2,7 @@
 simulator and the benchmarks. No I/O; imports only :mod:`tidal.topology` of tidal."""
 
 from tidal.placement.cost import COMPONENTS, DEFAULT_ORDER, Cost, CostOrder
+from tidal.placement.demand import Demand, DemandMix
 from tidal.placement.fit import (
     FilterResult,
     Placement,
@@ -47,6 +48,8 @@ __all__ = [
     "Code",
     "Cost",
     "CostOrder",
+    "Demand",
+    "DemandMix",
     "FilterResult",
     "GangPlan",
     "GangRequest",

@@ -1,10 +1,14 @@
 """Placement without preemption: which nodes fit, which GPU set, and how good it is.
 
-Our score is fragmentation-aware: among the free GPU sets that satisfy the request we take the
-one whose removal destroys the least intact aligned capacity (weighted towards large domains),
-and rank nodes the same way, so small pods fill broken domains first and large aligned domains
-stay whole for the pods that need them. Ties go to the fuller node (bin packing): in the
-simulator this tie-break alone raised mean GPU allocation from 0.80 to 0.85 on the openb day.
+Nodes are ranked by (:func:`_rank_of`): the topology shortfall; the demand-weighted
+fragmentation the placement adds (:mod:`tidal.placement.demand`, FGD-style, when the caller
+passes a demand mix); bin packing (fewer GPUs left free on the node); the intact aligned
+capacity it breaks (the sum of |d|² over the tier domains kept whole); link quality. Inside a
+node, the GPU set is the one that satisfies the request and keeps the most intact capacity.
+
+Measured on the openb day (docs/evaluation.md): ranking intact capacity before bin packing
+left nodes one GPU short of empty taking 1-GPU pods, so whole-node batch jobs waited; bin
+packing before it, and demand-weighted fragmentation before both, serve more batch work.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from tidal.placement import status
+from tidal.placement.demand import DemandMix, fragmentation_delta
 from tidal.placement.request import PodRequest, TopologyMode
 from tidal.placement.snapshot import ClusterSnapshot, NodeState
 from tidal.placement.status import Code, Rejection
@@ -35,10 +40,22 @@ class Placement(NamedTuple):
     capacity_lost: int  # intact aligned capacity the placement breaks (lower is better)
     quality: int
     free_left: int = 0  # GPUs the node has free afterwards: fuller nodes first (bin packing)
+    frag_delta: float = 0.0  # demand-weighted fragmentation it adds (demand.py; lower is better)
 
     @property
-    def rank(self) -> tuple[int, int, int, int, str]:
-        return (self.shortfall, self.capacity_lost, self.free_left, -self.quality, self.node)
+    def rank(self) -> tuple[float, float, float, float, int, str]:
+        return (*_rank_of(self.shortfall, self.frag_delta, self.free_left, self.capacity_lost,
+                          self.quality), self.node)  # fmt: skip
+
+
+Rank = tuple[float, float, float, float, int]
+
+
+def _rank_of(short: int, delta: float, free_left: int, lost: int, quality: int) -> Rank:
+    """Lower is better: topology shortfall first, then the demand-weighted fragmentation the
+    placement adds (demand.py; 0 without a demand mix), then bin packing (fewer GPUs left free
+    on the node), then the intact aligned capacity it breaks, then link quality."""
+    return (short, round(delta, 9), free_left, lost, -quality)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +74,15 @@ class FilterResult:
         """The best-ranked feasible placement, ties to the first node by name."""
         if not self.feasible:
             return None
-        name, best = min(self.feasible.items(), key=lambda item: (*item[1].rank[:4], item[0]))
+        name, best = min(self.feasible.items(), key=lambda item: (*item[1].rank[:5], item[0]))
         return best._replace(node=name)
 
 
 def filter_nodes(
-    snapshot: ClusterSnapshot, request: PodRequest, names: Iterable[str] | None = None
+    snapshot: ClusterSnapshot,
+    request: PodRequest,
+    names: Iterable[str] | None = None,
+    mix: DemandMix = (),
 ) -> FilterResult:
     """Split nodes into those where ``request`` fits now (with the GPU set it would get) and
     those where it does not, with a code and a reason for each.
@@ -72,7 +92,7 @@ def filter_nodes(
     lookup and a room check (about 1 µs a node in CPython)."""
     feasible: dict[str, Placement] = {}
     rejected: dict[str, Rejection] = {}
-    decide = _ClassDecisions(request)
+    decide = _ClassDecisions(request, mix)
     nodes = snapshot.nodes
     blocks = snapshot.has_blocks()
     needs_room = request.cpu_milli > 0 or request.memory_mib > 0
@@ -92,7 +112,7 @@ def filter_nodes(
         if not isinstance(outcome, Placement):
             rejected[name] = decide.rejection(state, key[1], outcome)
         elif needs_room and not _has_room(state, request):
-            found = fit_node(snapshot, state, request)
+            found = fit_node(snapshot, state, request, mix)
             if isinstance(found, Placement):
                 feasible[name] = found
             else:
@@ -108,8 +128,9 @@ _UNDECIDED = Rejection(Code.UNRESOLVABLE, "undecided")  # a sentinel, never retu
 class _ClassDecisions:
     """Per request: for each (shape, free mask) the shared placement, or why not."""
 
-    def __init__(self, request: PodRequest) -> None:
+    def __init__(self, request: PodRequest, mix: DemandMix = ()) -> None:
         self.request = request
+        self.mix = mix  # the demand the placements' fragmentation is weighed by
         self.tier = request.tier if request.aligned_only else Tier.NODE
         self.classes: dict[tuple[NodeShape, int], Placement | Rejection | None] = {}
         self.tables: dict[NodeShape, tuple[bytearray, Rejection | None]] = {}
@@ -124,7 +145,7 @@ class _ClassDecisions:
             facts = self.tables[shape] = _shape_facts(shape, self.request, self.tier)
         holds, never = facts
         outcome: Placement | Rejection | None
-        outcome = _placement(shape, free, self.request) if holds[free] else never
+        outcome = _placement(shape, free, self.request, self.mix) if holds[free] else never
         self.classes[key] = outcome
         return outcome
 
@@ -146,11 +167,11 @@ def _no_room(
     return reason
 
 
-def _placement(shape: NodeShape, free: int, request: PodRequest) -> Placement:
+def _placement(shape: NodeShape, free: int, request: PodRequest, mix: DemandMix) -> Placement:
     gpus = choose_gpus(shape, free, request.gpus, request.mode, request.tier)
     if gpus is None:  # unreachable when the has-aligned table said yes; kept for safety
         raise AssertionError(f"no {request.gpus}-GPU set in free mask {free:#x}")
-    return placement_of("", shape, free, gpus, request)
+    return placement_of("", shape, free, gpus, request, mix)
 
 
 def _shape_facts(
@@ -178,7 +199,9 @@ def _shortage(free: int, request: PodRequest) -> Rejection:
     return Rejection(Code.UNSCHEDULABLE, reason)
 
 
-def best_placement(snapshot: ClusterSnapshot, request: PodRequest) -> Placement | None:
+def best_placement(
+    snapshot: ClusterSnapshot, request: PodRequest, mix: DemandMix = ()
+) -> Placement | None:
     """The best-ranked free placement in the cluster, or None, by :attr:`Placement.rank`.
 
     Nodes of one shape with one free GPU mask get the same GPU set and rank but for the name,
@@ -186,10 +209,10 @@ def best_placement(snapshot: ClusterSnapshot, request: PodRequest) -> Placement 
     find the first one by name with CPU and memory to spare. Nodes with reserved GPUs differ by
     who asks and are ranked one by one."""
     blocked = snapshot.blocked_nodes()
-    best: tuple[tuple[int, int, int, int, str], NodeShape, int, int] | None = None
+    best: tuple[tuple[float, float, float, float, int, str], NodeShape, int, int] | None = None
     for (shape, free), names in snapshot.free_classes().items():
-        ranked = _class_rank(shape, free, request.gpus, request.mode, request.tier)
-        if ranked is None or (best is not None and ranked[0] > best[0][:4]):
+        ranked = _class_rank(shape, free, request.gpus, request.mode, request.tier, mix)
+        if ranked is None or (best is not None and ranked[0] > best[0][:5]):
             continue
         name = _first_with_room(snapshot, names, request, blocked)
         if name is not None and (best is None or (*ranked[0], name) < best[0]):
@@ -198,7 +221,7 @@ def best_placement(snapshot: ClusterSnapshot, request: PodRequest) -> Placement 
         state = snapshot.nodes[name]
         shape = state.info.shape
         free = snapshot.free_gpus(name, request.uid)
-        ranked = _class_rank(shape, free, request.gpus, request.mode, request.tier)
+        ranked = _class_rank(shape, free, request.gpus, request.mode, request.tier, mix)
         if ranked is None or not _has_room(state, request):
             continue
         if best is None or (*ranked[0], name) < best[0]:
@@ -206,20 +229,21 @@ def best_placement(snapshot: ClusterSnapshot, request: PodRequest) -> Placement 
     if best is None:
         return None
     rank, shape, free, gpus = best
-    return placement_of(rank[-1], shape, free, gpus, request)
+    return placement_of(str(rank[-1]), shape, free, gpus, request, mix)
 
 
 @lru_cache(maxsize=1 << 16)
 def _class_rank(
-    shape: NodeShape, free: int, size: int, mode: TopologyMode, tier: Tier
-) -> tuple[tuple[int, int, int, int], int] | None:
+    shape: NodeShape, free: int, size: int, mode: TopologyMode, tier: Tier, mix: DemandMix = ()
+) -> tuple[Rank, int] | None:
     """(rank without the node name, GPU set) of the best placement in ``free``, or None."""
     gpus = choose_gpus(shape, free, size, mode, tier)
     if gpus is None:
         return None
     short = 0 if mode is TopologyMode.NONE else shape.shortfall(gpus, tier)
-    lost = shape.intact_value(free) - shape.intact_value(free & ~gpus)
-    return (short, lost, (free & ~gpus).bit_count(), -shape.quality[gpus]), gpus
+    lost = shape.tier_intact_value(free) - shape.tier_intact_value(free & ~gpus)
+    delta = fragmentation_delta(shape, free, gpus, mix) if mix else 0.0
+    return _rank_of(short, delta, (free & ~gpus).bit_count(), lost, shape.quality[gpus]), gpus
 
 
 def _first_with_room(
@@ -236,7 +260,7 @@ def _has_room(state: NodeState, request: PodRequest) -> bool:
 
 
 def fit_node(
-    snapshot: ClusterSnapshot, state: NodeState, request: PodRequest
+    snapshot: ClusterSnapshot, state: NodeState, request: PodRequest, mix: DemandMix = ()
 ) -> Placement | Rejection:
     static = static_rejection(state, request)
     if static is not None:
@@ -256,7 +280,7 @@ def fit_node(
     chosen = choose_gpus(shape, free, request.gpus, request.mode, request.tier)
     if chosen is None:
         return _shortage(free, request)
-    return placement_of(state.name, shape, free, chosen, request)
+    return placement_of(state.name, shape, free, chosen, request, mix)
 
 
 def static_rejection(state: NodeState, request: PodRequest) -> Rejection | None:
@@ -274,16 +298,17 @@ def static_rejection(state: NodeState, request: PodRequest) -> Rejection | None:
 
 
 def placement_of(
-    node: str, shape: NodeShape, free: int, gpus: int, request: PodRequest
+    node: str, shape: NodeShape, free: int, gpus: int, request: PodRequest, mix: DemandMix = ()
 ) -> Placement:
     return Placement(
         node=node,
         gpus=gpus,
         tier=shape.tier_of(gpus),
         shortfall=0 if request.mode is TopologyMode.NONE else shape.shortfall(gpus, request.tier),
-        capacity_lost=shape.intact_value(free) - shape.intact_value(free & ~gpus),
+        capacity_lost=shape.tier_intact_value(free) - shape.tier_intact_value(free & ~gpus),
         quality=shape.quality[gpus],
         free_left=(free & ~gpus).bit_count(),
+        frag_delta=fragmentation_delta(shape, free, gpus, mix) if mix else 0.0,
     )
 
 
@@ -299,7 +324,7 @@ def choose_gpus(
     if free.bit_count() < size:
         return None
     candidates = shape.aligned_sets(size, tier) if guaranteed else shape.subsets(size)
-    keep = shape.intact_value
+    keep = shape.tier_intact_value
     best: tuple[int, int, int, int, int] | None = None
     for s in candidates:
         if s & ~free:
@@ -324,6 +349,6 @@ def first_free_gpus(free: int, size: int) -> int | None:
 def score(placement: Placement, shape: NodeShape) -> int:
     """0..10 for the extender's prioritize verb: a placement that breaks no intact capacity
     and is aligned as asked scores 10."""
-    worst = max(1, shape.intact_value(shape.full_mask))
+    worst = max(1, shape.tier_intact_value(shape.full_mask))
     packed = MAX_SCORE * (worst - placement.capacity_lost) // worst
     return max(0, packed - 3 * placement.shortfall)

@@ -79,7 +79,7 @@ def _lower_bound(
     free ``busy_needed`` busy GPUs, each held by a pod of at least the lowest evictable
     priority, losing at least the work of the ``busy_needed`` youngest busy GPUs."""
     shape = state.info.shape
-    intact = -shape.intact_value(avail)
+    intact = -shape.tier_intact_value(avail)
     if busy_needed <= 0:
         return (0, NO_VICTIM_PRIORITY, 0, 0.0, 0, 0, 0, intact, fact.best_quality, -(2**62))
     saved = state.saved_prefix(keep)  # sums of the latest checkpoints, youngest GPUs first
@@ -272,7 +272,7 @@ class TopologyFirstPlanner:
                 victims.pods,
                 victims.workloads,
                 victims.gpus_freed - occupied.bit_count(),
-                -shape.intact_value((free | victims.node_mask) & ~target),
+                -shape.tier_intact_value((free | victims.node_mask) & ~target),
                 -shape.quality[target],
                 -shape.bottleneck[target],
             )
@@ -454,7 +454,7 @@ def plan_cost(
         victim_pods=facts.pods,
         victim_workloads=facts.workloads,
         waste_gpus=facts.gpus_freed - occupied.bit_count(),
-        fragmentation=-shape.intact_value((free | facts.node_mask) & ~gpus),
+        fragmentation=-shape.tier_intact_value((free | facts.node_mask) & ~gpus),
         link_quality=-shape.quality[gpus],
         link_bottleneck=-shape.bottleneck[gpus],
     )

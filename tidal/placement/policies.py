@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from tidal.placement import status
+from tidal.placement.demand import Demand
 from tidal.placement.fit import (
     Placement,
     best_placement,
@@ -49,13 +50,21 @@ class Policy(Protocol):
 
 
 class TidalPolicy:
+    """Ours: placement ranked by demand-weighted fragmentation, then bin packing
+    (:mod:`tidal.placement.fit`), with the demand learned from the pods it is asked to place
+    (``demand=None``: a fresh :class:`Demand`); preemption by the topology-first planner."""
+
     name = "tidal"
 
-    def __init__(self, planner: TopologyFirstPlanner | None = None) -> None:
+    def __init__(
+        self, planner: TopologyFirstPlanner | None = None, demand: Demand | None = None
+    ) -> None:
         self.planner = planner or TopologyFirstPlanner()
+        self.demand = Demand() if demand is None else demand
 
     def place(self, snapshot: ClusterSnapshot, request: PodRequest) -> Placement | None:
-        return best_placement(snapshot, request)
+        self.demand.observe(request)
+        return best_placement(snapshot, request, self.demand.mix())
 
     def preempt(self, snapshot: ClusterSnapshot, request: PodRequest) -> PlanResult:
         return self.planner.plan_preemption(snapshot, request)

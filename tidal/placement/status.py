@@ -20,7 +20,7 @@ class Rejection:
 
 # Reasons. Constants with readable text, formatted with the request's numbers where useful.
 TOO_FEW_GPUS_ON_NODE = "node has {have} GPUs, pod needs {need}"
-NO_ALIGNED_DOMAIN = "node has no {tier} domain with {need} GPUs"
+NO_ALIGNED_DOMAIN = "node has no {need} GPUs whose every pair talks at tier {tier} or better"
 INSUFFICIENT_GPUS = "insufficient nvidia.com/gpu: {free} free, {need} needed"
 NO_FREE_ALIGNED_SET = "no {need} free GPUs aligned at tier {tier} ({free} free)"
 INSUFFICIENT_CPU = "insufficient cpu: {free}m free, {need}m needed"

@@ -162,6 +162,9 @@ class Replay:
                 break
             self.cluster.set_now(event.time)
             getattr(self, f"_on_{event.kind}")(event.data)
+        for running in self.jobs.values():  # at the horizon: work done, not finished
+            if running.run_start is not None:
+                self.metrics.batch_ran((horizon - running.run_start) * running.spec.total_gpus)
         self.metrics.finish(self.snapshot, set(self.binding))
         return self.metrics
 
@@ -181,6 +184,7 @@ class Replay:
         for member in _member_uids(job.spec):
             self.cluster.remove_pod(member)
         self.metrics.job_completed(job.spec, self.snapshot.now)
+        self.metrics.batch_ran((self.snapshot.now - job.run_start) * job.spec.total_gpus)
         job.run_start = None
         job.remaining_s = 0
         self._schedule_batch()
@@ -432,6 +436,7 @@ class Replay:
         job = self.jobs[uid]
         assert job.run_start is not None
         ran = now - job.run_start
+        self.metrics.batch_ran(ran * job.spec.total_gpus)
         saved = pods[0].last_saved(now) - job.run_start  # workers checkpoint together
         job.remaining_s -= saved
         job.preemptions += 1

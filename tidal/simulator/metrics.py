@@ -56,7 +56,8 @@ class Metrics:
     cascades: int = 0  # M8
     jobs_completed: int = 0
     completion_s: list[float] = field(default_factory=list)
-    goodput_gpu_seconds: float = 0.0
+    goodput_gpu_seconds: float = 0.0  # M8: work of the jobs finished by the horizon
+    batch_gpu_seconds: float = 0.0  # M8: GPU-seconds batch pods held (finished, evicted, running)
     priority_inversions: int = 0  # M10
     double_allocations: int = 0
     leaked_reservations: int = 0
@@ -99,6 +100,11 @@ class Metrics:
         self.completion_s.append(now - job.arrival)
         self.goodput_gpu_seconds += job.work_s * job.total_gpus
 
+    def batch_ran(self, gpu_seconds: float) -> None:
+        """A batch job's workers held their GPUs for ``gpu_seconds`` (it finished, was
+        evicted, or is still running at the horizon)."""
+        self.batch_gpu_seconds += gpu_seconds
+
     def sample(
         self,
         now: float,
@@ -114,6 +120,7 @@ class Metrics:
                 "allocation": used / self.total_gpus,
                 "intact": _intact_fraction(snapshot),
                 "online_demand": demanded,
+                "online_bound": sum(by_tier.values()),
                 "online_served": served_load(by_tier, self.scenario.tier_throughput),
                 "placed_by_tier": by_tier,
                 "online_pending": pending[0],
@@ -154,10 +161,15 @@ class Metrics:
             "M6_preemptor_bind_p99_s": _quantile(self.preemptor_wait_s, 0.99),
             "M6_online_bind_p99_s": _quantile(self.online_wait_s, 0.99),
             "M7_online_served_fraction": served / demand if demand else 1.0,
+            "M7_online_bound_fraction": (
+                sum(s.get("online_bound", 0) for s in series) / demand if demand else 1.0
+            ),
             "M7_hours_with_pending_replicas": step_h * sum(s["online_pending"] > 0 for s in series),
             "M8_jobs_completed": self.jobs_completed,
             "M8_completion_p50_h": _quantile(self.completion_s, 0.5) / 3600,
             "M8_goodput_gpu_hours": self.goodput_gpu_seconds / 3600,
+            "M8_batch_gpu_hours": self.batch_gpu_seconds / 3600,
+            "M8_work_done_gpu_hours": (self.batch_gpu_seconds - self.lost_gpu_seconds) / 3600,
             "M8_cascades": self.cascades,
             "M9_mean_allocation": _mean(s["allocation"] for s in series),
             "M9_mean_intact_capacity": _mean(s["intact"] for s in series),
@@ -186,8 +198,8 @@ def _intact_fraction(snapshot: ClusterSnapshot) -> float:
     fragmentation; it falls as GPUs are used and as the free ones scatter)."""
     kept = whole = 0
     for (shape, free), names in snapshot.free_classes().items():
-        kept += len(names) * shape.intact_value(free)
-        whole += len(names) * shape.intact_value(shape.full_mask)
+        kept += len(names) * shape.tier_intact_value(free)
+        whole += len(names) * shape.tier_intact_value(shape.full_mask)
     return kept / whole if whole else 0.0
 
 

@@ -86,7 +86,7 @@ def _cost(
         len(victims),
         len({v.workload or v.uid for v in victims}),
         sum(v.gpu_count for v in victims) - (target & state.used).bit_count(),
-        -shape.intact_value((free | freed) & ~target),
+        -shape.tier_intact_value((free | freed) & ~target),
         -shape.quality[target],
         -shape.bottleneck[target],
     )

@@ -13,6 +13,7 @@ import yaml
 from tidal.placement import POLICY_NAMES, SCORING_STRATEGIES, TopologyMode
 from tidal.simulator.cluster_model import PresetTable
 from tidal.simulator.formats import CLASSES, FIELDS, KINDS, Kind, find_format, unit_factor
+from tidal.simulator.throughput import DERIVED_TIER_THROUGHPUT
 from tidal.topology import Tier, preset_names
 
 
@@ -44,13 +45,7 @@ DEFAULT_SERVICES = (
 # Served throughput of a tensor-parallel replica by the tier its GPUs are aligned at, relative
 # to NVLink (a stated model, swept in the report): all-reduce over PCIe switches, host bridges
 # and sockets costs a growing share of every layer.
-DEFAULT_TIER_THROUGHPUT = {
-    "nvlink": 1.0,
-    "pcie-switch": 0.8,
-    "numa": 0.7,
-    "socket": 0.6,
-    "node": 0.5,
-}
+DEFAULT_TIER_THROUGHPUT = dict(DERIVED_TIER_THROUGHPUT)  # the stated model, throughput.py
 
 
 @dataclass(frozen=True)

@@ -270,6 +270,24 @@ def test_hard_constraints_are_not_soft_preferences() -> None:
     assert not has_soft_preferences({"spec": "not an object"})
 
 
+def test_filter_ranks_by_the_demand_it_has_seen(cluster: Any) -> None:
+    """cube-a has one free NVLink quad, cube-b five scattered GPUs. Packing alone puts a 1-GPU
+    pod on cube-a (fuller) and breaks the quad; once filter has seen mostly 4-GPU guaranteed
+    pods, the fragmentation that costs them decides, and the pod goes to cube-b."""
+    extender, fake = cluster
+    for gpu in (0, 1, 2, 3):
+        fake.add(pod(f"a{gpu}", 1, node="cube-a", held=[gpu]))
+    for gpu in (1, 3, 5):
+        fake.add(pod(f"b{gpu}", 1, node="cube-b", held=[gpu]))
+    first = fake.add(pod("first", 1))
+    assert extender.filter(filter_args(first, ["cube-a", "cube-b"]))["NodeNames"] == ["cube-a"]
+    for i in range(8):
+        tp4 = fake.add(pod(f"tp4-{i}", 4, priority=ONLINE, guaranteed=True))
+        extender.filter(filter_args(tp4, ["cube-a"]))
+    single = fake.add(pod("single", 1))
+    assert extender.filter(filter_args(single, ["cube-a", "cube-b"]))["NodeNames"] == ["cube-b"]
+
+
 def test_bind_writes_an_aligned_set_and_never_double_allocates(cluster: Any) -> None:
     extender, fake = cluster
     fake.add(pod("b0", 4, node="cube-a", held=[0, 1, 2, 3]))

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from tidal import api
 from tidal.kubeclient import KubeApiError
-from tidal.placement import Plan, PodRequest, Reservation, TopologyFirstPlanner
+from tidal.placement import Demand, Plan, PodRequest, Reservation, TopologyFirstPlanner
 from tidal.scheduler_extender import binding, filtering, preempting, prioritizing
 from tidal.scheduler_extender.cache import ClusterCache
 from tidal.scheduler_extender.metrics import CacheView, ExtenderMetrics, PreemptionFacts
@@ -110,6 +110,7 @@ class Extender:
         self.scores: dict[str, dict[str, int]] = {}  # pod UID -> node scores from its filter
         self.passed: OrderedDict[str, frozenset[str]] = OrderedDict()  # UID -> nodes passed
         self.waiting: OrderedDict[str, _Waiting] = OrderedDict()  # UID -> its filter history
+        self.demand = Demand()  # GPU demand per request class, from the pods filter sees
         # The latest preemptions carried out, oldest first, for the web view (under the lock).
         self.preemptions: deque[PreemptionRecord] = deque(maxlen=RECENT_PREEMPTIONS)
         self.metrics.cache.source = self.cache_view

@@ -73,7 +73,9 @@ def decide(
         held = ext.cache.snapshot.reservations.get(request.uid)
         if held is not None:
             return _reserved(ext, request, held, args.node_names)
-        outcome = filter_nodes(ext.cache.snapshot, request, args.node_names)
+        # The demand mix the simulator's tidal policy ranks by, learned from the pods filtered
+        ext.demand.observe(request)
+        outcome = filter_nodes(ext.cache.snapshot, request, args.node_names, ext.demand.mix())
         passed, failed, unresolvable = _split(ext, outcome, args.node_names)
         if passed and not has_soft_preferences(pod):
             # No failure map: kube-scheduler reads them only to explain a pod that fits

@@ -1,6 +1,7 @@
 """Scheduling throughput of the real kube-scheduler on KWOK GPU nodes (tidal.devcluster).
 
-    python bench/k8s_throughput.py [--nodes 500,1000] [--pods-per-node 2] [--runs 1] [--out bench/results]
+    python bench/k8s_throughput.py [--nodes 500,1000] [--pods-per-node 2] [--runs 1]
+        [--out bench/results]
 
 For each cluster size: a fresh control plane (etcd, kube-apiserver, kube-scheduler with the
 `tidal-scheduler` profile, KWOK), N fake 8-GPU nodes (DGX H100 and DGX-1V in equal parts), then

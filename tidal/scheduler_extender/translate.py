@@ -236,7 +236,7 @@ def format_gpu_list(mask: int) -> str:
     return api.format_gpu_list(bits(mask))
 
 
-def _timestamp(text: object) -> float | None:
+def timestamp(text: object) -> float | None:
     """An RFC 3339 time as epoch seconds; None when absent or unreadable (the callers fall
     back to another time: a wrong start time only skews the lost-work estimate)."""
     if not isinstance(text, str) or not text:
@@ -283,7 +283,7 @@ def pod_info(pod: dict[str, Any], gpus: int) -> tuple[PodInfo, list[ObjectError]
     # A pod whose priority cannot be read is nobody's victim.
     priority = lenient(lambda: _priority(spec, key), SYSTEM_PRIORITY)
     cpu, memory = lenient(lambda: _cpu_memory(pod), (0, 0))
-    started = _timestamp(status.get("startTime")) or _timestamp(meta.get("creationTimestamp"))
+    started = timestamp(status.get("startTime")) or timestamp(meta.get("creationTimestamp"))
     info = PodInfo(
         uid=str(meta["uid"]),
         name=key,
@@ -396,7 +396,7 @@ class ReservationRecord:
             raise refuse(f"'gpus' must be distinct GPU indices 0..{_MAX_GPUS - 1}, got {gpus!r}")
         if not isinstance(victims, list) or not all(isinstance(v, str) for v in victims):
             raise refuse("'victims' must be a list of pod UIDs")
-        expires = _timestamp(data.get("expiresAt"))
+        expires = timestamp(data.get("expiresAt"))
         if expires is None:
             raise refuse("'expiresAt' must be an RFC 3339 time")
         return ReservationRecord(node, tuple(gpus), tuple(victims), expires)

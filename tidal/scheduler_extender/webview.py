@@ -5,12 +5,11 @@ once, computed outside it."""
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from tidal.scheduler_extender.pool import Holder, NodeGpus, PoolInputs, gpu_pool
-from tidal.scheduler_extender.translate import pod_key
+from tidal.scheduler_extender.translate import pod_key, timestamp
 from tidal.topology import bits
 from tidal.webview.snapshot import (
     GpuView,
@@ -93,13 +92,5 @@ def _name_of(pod: Mapping[str, Any] | None, uid: str) -> str:
 def _waiting_s(pod: Mapping[str, Any] | None, now: float) -> float:
     """Seconds since the pod was created (0 when its creationTimestamp cannot be read)."""
     meta = (pod or {}).get("metadata")
-    created = meta.get("creationTimestamp") if isinstance(meta, dict) else None
-    if not isinstance(created, str):
-        return 0.0
-    try:
-        stamp = dt.datetime.fromisoformat(created)
-    except ValueError:
-        return 0.0
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=dt.UTC)
-    return max(0.0, now - stamp.timestamp())
+    created = timestamp(meta.get("creationTimestamp")) if isinstance(meta, dict) else None
+    return max(0.0, now - created) if created is not None else 0.0

@@ -158,3 +158,13 @@ def test_no_page_without_the_flag(data_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "web view" not in result.output
     assert sorted(p.name for p in tmp_path.rglob("*.html")) == []
+
+
+def test_a_dashboard_path_that_cannot_be_written_is_refused_before_the_replay(
+    tmp_path: Path,
+) -> None:
+    args = ["simulate", "--quick", "--no-plots", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, [*args, "--dashboard", str(tmp_path)], env={"COLUMNS": "300"})
+    assert result.exit_code == 2
+    assert "--dashboard" in result.output and "is a folder" in result.output
+    assert not (tmp_path / "out").exists()  # nothing replayed

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -65,6 +66,8 @@ def simulate_command(
 ) -> None:
     """Replay a day of real traces through the placement core, every policy side by side."""
     scenario = _scenario(scenario_file, quick, policy)
+    if dashboard is not None:
+        _check_writable(dashboard)  # before the replay, not after minutes of it
     inputs = _load(scenario)
     console.print(loaded_summary(inputs.report))
     if dry_run:
@@ -82,10 +85,20 @@ def simulate_command(
         _dashboard(scenario, inputs, dashboard, dashboard_every * 60)
 
 
+def _check_writable(path: Path) -> None:
+    folder = next((p for p in path.resolve().parents if p.exists()), Path("/"))
+    if path.is_dir() or not os.access(folder, os.W_OK):
+        why = "is a folder" if path.is_dir() else f"cannot be written in {folder}"
+        raise typer.BadParameter(f"{path} {why}", param_hint="--dashboard")
+
+
 def _dashboard(scenario: Scenario, inputs: Inputs, path: Path, every_s: float) -> None:
     policy = recorded_policy(scenario)
-    with console.status(f"recording the web view of {policy}"):
-        frames = record_replay(scenario, inputs, policy, every_s)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"recording the web view of {policy}", total=scenario.hours * 3600)
+        frames = record_replay(
+            scenario, inputs, policy, every_s, lambda now: progress.update(task, completed=now)
+        )
     written = write_dashboard(path, frames).resolve()
     console.print(f"web view: {written} ({len(frames)} frames of {policy})")
     console.print(f"  open it in a browser: file://{written}")

@@ -185,11 +185,15 @@ def recorded_policy(scenario: Scenario) -> str:
 
 
 def record_replay(
-    scenario: Scenario, inputs: Inputs, policy_name: str, every_s: float
+    scenario: Scenario,
+    inputs: Inputs,
+    policy_name: str,
+    every_s: float,
+    on_progress: Callable[[float], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Replay ``policy_name`` on ``inputs``, recording a frame every ``every_s`` simulated
-    seconds; the frames, in time order."""
-    replay = RecordingReplay(scenario, inputs, policy_name, every_s)
+    seconds; the frames, in time order. ``on_progress`` gets the simulated time."""
+    replay = RecordingReplay(scenario, inputs, policy_name, every_s, on_progress)
     replay.run()
     return replay.frames
 

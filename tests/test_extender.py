@@ -260,6 +260,31 @@ def test_a_pod_with_soft_preferences_gets_every_fitting_node_and_scores(
     assert scores["cube-a"] > scores["cube-b"] > 0
 
 
+def test_filter_answers_on_the_event_loop_only_what_the_cache_decides(cluster: Any) -> None:
+    """filter_from_cache (the server's event-loop path) gives filter's answer for a cached pod
+    that fits, and hands every other case to filter in a thread: a pod the watch has not
+    delivered (filter reads it from the API server), a pod that needs a preemption (filter
+    evicts), a pod filter refuses."""
+    extender, fake = cluster
+    fits = fake.add(pod("fits", 1))
+    on_loop = extender.filter_from_cache(filter_args(fits, ["cube-a", "cube-b"]))
+    assert on_loop is not None and on_loop["NodeNames"] == ["cube-a"] and on_loop["Error"] == ""
+    assert on_loop == extender.filter(filter_args(fits, ["cube-a", "cube-b"]))
+    unseen = pod("unseen", 1)
+    fake.pods["unseen"] = unseen  # in the API server, not yet in the cache
+    assert extender.filter_from_cache(filter_args(unseen, ["cube-a"])) is None
+    assert extender.filter(filter_args(unseen, ["cube-a"]))["NodeNames"] == ["cube-a"]
+    for i in range(8):
+        fake.add(pod(f"b{i}", 1, node="cube-a", held=[i]))
+    tp8 = fake.add(pod("tp8", 8, priority=ONLINE))
+    assert extender.filter_from_cache(filter_args(tp8, ["cube-a"])) is None
+    foreign = pod("foreign", 1)
+    foreign["spec"]["schedulerName"] = "default-scheduler"
+    fake.add(foreign)
+    assert extender.filter_from_cache(filter_args(foreign, ["cube-b"])) is None
+    assert "not 'tidal-scheduler'" in extender.filter(filter_args(foreign, ["cube-b"]))["Error"]
+
+
 def test_hard_constraints_are_not_soft_preferences() -> None:
     required = pod("p", 1)
     required["spec"]["affinity"] = {
@@ -286,6 +311,30 @@ def test_filter_ranks_by_the_demand_it_has_seen(cluster: Any) -> None:
         extender.filter(filter_args(tp4, ["cube-a"]))
     single = fake.add(pod("single", 1))
     assert extender.filter(filter_args(single, ["cube-a", "cube-b"]))["NodeNames"] == ["cube-b"]
+
+
+def test_prioritize_orders_nodes_as_filter_ranks_them(cluster: Any) -> None:
+    """The prioritize score follows the whole rank (demand-weighted fragmentation first), not
+    intact capacity alone: once 4-GPU guaranteed demand dominates, a 1-GPU pod with a soft
+    preference scores cube-b (scattered GPUs) over cube-a (its last free quad), both from the
+    filter's remembered scores and when ranked afresh (an extender restarted in between)."""
+    extender, fake = cluster
+    for gpu in (0, 1, 2, 3):
+        fake.add(pod(f"a{gpu}", 1, node="cube-a", held=[gpu]))
+    for gpu in (1, 3, 5):
+        fake.add(pod(f"b{gpu}", 1, node="cube-b", held=[gpu]))
+    for i in range(8):
+        tp4 = fake.add(pod(f"tp4-{i}", 4, priority=ONLINE, guaranteed=True))
+        extender.filter(filter_args(tp4, ["cube-a"]))
+    spread = pod("spread", 1)
+    spread["spec"]["topologySpreadConstraints"] = [{"whenUnsatisfiable": "ScheduleAnyway"}]
+    fake.add(spread)
+    names = ["cube-a", "cube-b"]
+    assert extender.filter(filter_args(spread, names))["NodeNames"] == names
+    remembered = {s["Host"]: s["Score"] for s in extender.prioritize(filter_args(spread, names))}
+    assert remembered == {"cube-a": 1, "cube-b": 10}
+    afresh = {s["Host"]: s["Score"] for s in extender.prioritize(filter_args(spread, names))}
+    assert afresh == remembered
 
 
 def test_bind_writes_an_aligned_set_and_never_double_allocates(cluster: Any) -> None:

@@ -150,3 +150,24 @@ def test_best_placement_is_the_best_feasible_node(
         assert outcome.placement(name).node == name
     classes = {n for names in snap.free_classes().values() for n in names}
     assert classes == set(snap.nodes)
+
+
+@SETTINGS
+@given(clusters(max_nodes=5), requests)
+def test_scores_order_nodes_as_their_ranks(snap: ClusterSnapshot, request: PodRequest) -> None:
+    """prioritize's scores agree with the rank filter uses: a better-ranked node never scores
+    lower, equal ranks score equal, the best node scores 10 and every feasible node at least 1."""
+    outcome = filter_nodes(snap, request)
+    scores = outcome.scores()
+    assert scores.keys() == outcome.feasible.keys()
+    ranks = {name: outcome.placement(name).rank[:5] for name in outcome.feasible}
+    for a, rank_a in ranks.items():
+        for b, rank_b in ranks.items():
+            if rank_a < rank_b:
+                assert scores[a] > scores[b]  # at most 5 nodes: fewer ranks than scores
+            elif rank_a == rank_b:
+                assert scores[a] == scores[b]
+    best = outcome.best()
+    if best is not None:
+        assert scores[best.node] == 10
+        assert min(scores.values()) >= 1

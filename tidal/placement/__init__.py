@@ -11,7 +11,6 @@ from tidal.placement.fit import (
     filter_nodes,
     first_free_gpus,
     fit_node,
-    score,
 )
 from tidal.placement.gang import Assignment, GangPlan, plan_gang
 from tidal.placement.plan import NoPlan, Plan, PlanResult
@@ -79,5 +78,4 @@ __all__ = [
     "make_policy",
     "plan_cost",
     "plan_gang",
-    "score",
 ]

@@ -74,6 +74,9 @@ _FILTERED_PODS = 4096
 # Pods whose filter history is kept (last outcome, first failure): more than are ever pending.
 _WAITING_PODS = 16384
 UNFILTERED = "unfiltered"  # a pending pod no filter call was seen for (a metric label)
+# How long filter on the server's event loop waits for the cache lock before handing the call
+# to a thread: reflectors hold it for microseconds, a relist or a preemption plan for longer.
+_LOOP_LOCK_WAIT_S = 0.005
 
 
 @dataclass
@@ -122,6 +125,34 @@ class Extender:
             decision = filtering.decide(self, args, pod, request)
         except RefusedError as error:
             decision = filtering.FilterDecision("refused", error=str(error))
+        return self._filter_answer(args, decision)
+
+    def filter_from_cache(self, args: FilterArgs) -> dict[str, Any] | None:
+        """filter's answer when the cache alone decides it (a cached pod that fits now or
+        holds a reservation), or None: then :meth:`filter` must run, in a thread, since it may
+        call the API server (a pod the watch has not delivered yet, a preemption). The server
+        answers the common case on its event loop, so the serial scheduling cycle does not wait
+        for a pool thread and the GIL behind the binds in flight."""
+        lock = self.cache.lock
+        if not lock.acquire(timeout=_LOOP_LOCK_WAIT_S):
+            return None  # a relist or a preemption plan holds the cache: not on the loop
+        try:
+            if args.pod["metadata"]["uid"] not in self.cache.pending:
+                return None
+            try:
+                pod, request = self.request_for(args.pod)
+            except RefusedError:
+                return None  # filter refuses it, and counts it
+            decision = filtering.decide_from_cache(self, args, pod, request)
+        finally:
+            lock.release()
+        if not isinstance(decision, filtering.FilterDecision):
+            return None
+        return self._filter_answer(args, decision)
+
+    def _filter_answer(
+        self, args: FilterArgs, decision: filtering.FilterDecision
+    ) -> dict[str, Any]:
         self.metrics.decision("filter", decision.outcome)
         with self.cache.lock:
             self._note_filter(args.pod["metadata"]["uid"], decision.outcome)

@@ -26,7 +26,6 @@ from tidal.placement import (
     PodRequest,
     Reservation,
     filter_nodes,
-    score,
 )
 from tidal.placement.cost import CostTuple
 from tidal.scheduler_extender.translate import ReservationRecord, format_gpu_list
@@ -69,22 +68,10 @@ def decide(
     ext: Extender, args: FilterArgs, pod: dict[str, object], request: PodRequest
 ) -> FilterDecision:
     with ext.cache.lock:
-        ext.cache.tick()
-        held = ext.cache.snapshot.reservations.get(request.uid)
-        if held is not None:
-            return _reserved(ext, request, held, args.node_names)
-        # The demand mix the simulator's tidal policy ranks by, learned from the pods filtered
-        ext.demand.observe(request)
-        outcome = filter_nodes(ext.cache.snapshot, request, args.node_names, ext.demand.mix())
-        passed, failed, unresolvable = _split(ext, outcome, args.node_names)
-        if passed and not has_soft_preferences(pod):
-            # No failure map: kube-scheduler reads them only to explain a pod that fits
-            # nowhere, and at 1,000 nodes they are most of the answer's bytes.
-            best = cast(Placement, outcome.best())
-            return FilterDecision("fits", [best.node], pod_uid=request.uid)
-        if passed:
-            _remember_scores(ext, request, outcome)
-            return FilterDecision("fits", passed, failed, unresolvable, pod_uid=request.uid)
+        found = decide_from_cache(ext, args, pod, request)
+        if isinstance(found, FilterDecision):
+            return found
+        _, failed, unresolvable = _split(ext, found, args.node_names)
         plan = _choose_plan(ext, request, args.node_names)
         if plan is None:
             why = "tidal prefers a preemption on a node short of GPUs by count"
@@ -93,6 +80,32 @@ def decide(
             return _nowhere("no-plan", request, failed, unresolvable, plan.reason)
         record = ext.reserve(request, plan, pod)
     return _evict_for(ext, args.node_names, pod, request, plan, record)
+
+
+def decide_from_cache(
+    ext: Extender, args: FilterArgs, pod: Mapping[str, Any], request: PodRequest
+) -> FilterDecision | FilterResult:
+    """The decision when the pod fits now or holds a reservation, from the cache alone (no API
+    call, so the server may run it on its event loop); otherwise the filter's result, for
+    :func:`decide` to plan a preemption from."""
+    with ext.cache.lock:
+        ext.cache.tick()
+        held = ext.cache.snapshot.reservations.get(request.uid)
+        if held is not None:
+            return _reserved(ext, request, held, args.node_names)
+        # The demand mix the simulator's tidal policy ranks by, learned from the pods filtered
+        ext.demand.observe(request)
+        outcome = filter_nodes(ext.cache.snapshot, request, args.node_names, ext.demand.mix())
+        if not outcome.feasible:
+            return outcome
+        if not has_soft_preferences(pod):
+            # No failure map: kube-scheduler reads them only to explain a pod that fits
+            # nowhere, and at 1,000 nodes they are most of the answer's bytes.
+            best = cast(Placement, outcome.best())
+            return FilterDecision("fits", [best.node], pod_uid=request.uid)
+        passed, failed, unresolvable = _split(ext, outcome, args.node_names)
+        _remember_scores(ext, request, outcome)
+        return FilterDecision("fits", passed, failed, unresolvable, pod_uid=request.uid)
 
 
 def has_soft_preferences(pod: Mapping[str, Any]) -> bool:
@@ -134,18 +147,11 @@ def _split(
 
 
 def _remember_scores(ext: Extender, request: PodRequest, outcome: FilterResult) -> None:
-    """Score the placements filter found: prioritize follows with the same nodes."""
-    nodes = ext.cache.snapshot.nodes
-    memo: dict[int, int] = {}  # by placement object: filter shares one per node class
-    scores = {}
-    for name, placement in outcome.feasible.items():
-        value = memo.get(id(placement))
-        if value is None:
-            value = memo[id(placement)] = score(placement, nodes[name].info.shape)
-        scores[name] = value
+    """Score the placements filter found, in the order it ranks them: prioritize follows with
+    the same nodes."""
     if len(ext.scores) >= _REMEMBERED_PODS:
         ext.scores.pop(next(iter(ext.scores)))
-    ext.scores[request.uid] = scores
+    ext.scores[request.uid] = outcome.scores()
 
 
 def _reserved(

@@ -87,15 +87,23 @@ def create_app(
             return await run_in_threadpool(orjson.loads, body)
 
     def verb(
-        name: str, handle: Callable[[Any], Any], inline: bool = False
+        name: str,
+        handle: Callable[[Any], Any],
+        inline: bool = False,
+        read: Callable[[Any], Any] = lambda raw: raw,
+        first: Callable[[Any], Any] | None = None,
     ) -> Callable[[Request], Awaitable[Response]]:
-        """``inline`` verbs are pure computation under the cache lock (no API calls on their
-        hot path) and skip the thread hop; the others run in the thread pool."""
+        """``read`` turns the JSON body into the verb's arguments; ``inline`` verbs are pure
+        computation under the cache lock (no API calls on their hot path) and skip the thread
+        hop; the others run in the thread pool, unless ``first`` answers on the event loop
+        (it returns None when the call needs the thread)."""
 
         async def answer(request: Request) -> Response:
             try:
-                raw = await parse(await _read_body(request, limits))
-                result = handle(raw) if inline else await run_in_threadpool(handle, raw)
+                args = read(await parse(await _read_body(request, limits)))
+                result = first(args) if first is not None else None
+                if result is None:
+                    result = handle(args) if inline else await run_in_threadpool(handle, args)
                 return _json(result)
             except (orjson.JSONDecodeError, WireError) as error:
                 metrics.bad_requests.labels(name).inc()
@@ -128,7 +136,7 @@ def create_app(
     routes = [
         Route(
             "/filter",
-            verb("filter", lambda raw: extender.filter(parse_filter(raw))),
+            verb("filter", extender.filter, read=parse_filter, first=extender.filter_from_cache),
             methods=["POST"],
         ),
         Route(

@@ -26,7 +26,7 @@ demo: setup
 # policy, a full simulated day each, over three seeds (about 20 min measured on a loaded 2-core
 # machine; one seed, `tidal evaluate --out docs`, takes about a third of that).
 report: setup
-	$(BIN)/tidal evaluate --seed 7 --seed 2 --seed 3 --out docs
+	$(BIN)/tidal evaluate --seeds 10 --out docs
 
 lint: setup
 	$(BIN)/ruff check tidal tests bench e2e

@@ -68,3 +68,11 @@ def test_plan_scenario_missing_field_is_named(tmp_path: Path) -> None:
     bad.write_text("nodes: [{name: a, preset: dgx-h100}]\n")
     result = runner.invoke(app, ["plan", str(bad)], env={"COLUMNS": "200"})
     assert result.exit_code == 2 and "missing field 'request'" in result.output
+
+
+def test_evaluate_takes_seeds_or_a_seed_count_not_both(tmp_path: Path) -> None:
+    both = runner.invoke(app, ["evaluate", "--seed", "7", "--seeds", "3", "--out", str(tmp_path)])
+    assert both.exit_code == 2 and "not both" in both.output
+    none = runner.invoke(app, ["evaluate", "--seeds", "0", "--out", str(tmp_path)])
+    assert none.exit_code == 2
+    assert not (tmp_path / "evaluation.md").exists()

@@ -146,6 +146,11 @@ def test_best_placement_is_the_best_feasible_node(
     outcome = filter_nodes(snap, request)
     best = best_placement(snap, request)
     assert best == outcome.best()
+    # on the nodes kube-scheduler's own filters passed, as the extender asks for it
+    allowed = data.draw(st.sets(st.sampled_from(sorted(snap.nodes))))
+    passed = [n for n in snap.nodes if n in allowed]
+    among = filter_nodes(snap, request, passed).best()
+    assert best_placement(snap, request, allowed=allowed) == among
     for name in outcome.feasible:  # the shared per-class placement, filled in per node
         assert outcome.placement(name).node == name
     classes = {n for names in snap.free_classes().values() for n in names}

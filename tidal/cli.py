@@ -269,6 +269,12 @@ def evaluate_command(
         list[int] | None,
         typer.Option(help="Replay every scenario once per seed (repeat the option; default: 7)."),
     ] = None,
+    seeds: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Replay every scenario with each of the seeds 1..N (instead of --seed)."
+        ),
+    ] = None,
 ) -> None:
     """Regenerate the evaluation report: the bundled scenarios with every policy (once per
     seed), the throughput-model sweep and the optimality gap against brute force."""
@@ -278,11 +284,14 @@ def evaluate_command(
         evaluate,
     )
 
-    seeds = tuple(dict.fromkeys(seed)) if seed else DEFAULT_SEEDS
+    if seed and seeds:
+        console.print("[red]error:[/red] give --seed or --seeds, not both")
+        raise typer.Exit(2)
+    chosen = tuple(range(1, seeds + 1)) if seeds else tuple(dict.fromkeys(seed or DEFAULT_SEEDS))
     command = (
         "tidal evaluate"
         + (" --quick" if quick else "")
-        + "".join(f" --seed {s}" for s in seeds if seed)
+        + (f" --seeds {seeds}" if seeds else "".join(f" --seed {s}" for s in seed or ()))
         + f" --out {out}"
     )
     with Progress(console=console, transient=True) as progress:
@@ -295,7 +304,7 @@ def evaluate_command(
             progress.update(tasks[key], completed=now)
 
         try:
-            report = evaluate(out, quick, update, command, seeds)
+            report = evaluate(out, quick, update, command, chosen)
         except (DataError, ScenarioError) as err:
             console.print(f"[red]error:[/red] {err}")
             raise typer.Exit(1) from err

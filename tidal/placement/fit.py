@@ -13,7 +13,7 @@ packing before it, and demand-weighted fragmentation before both, serve more bat
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
@@ -253,9 +253,14 @@ def _shortage(free: int, request: PodRequest) -> Rejection:
 
 
 def best_placement(
-    snapshot: ClusterSnapshot, request: PodRequest, mix: DemandMix = ()
+    snapshot: ClusterSnapshot,
+    request: PodRequest,
+    mix: DemandMix = (),
+    allowed: Container[str] | None = None,
 ) -> Placement | None:
-    """The best-ranked free placement in the cluster, or None, by :attr:`Placement.rank`.
+    """The best-ranked free placement in the cluster (on one of the ``allowed`` nodes, when
+    given), or None, by :attr:`Placement.rank`: what ``filter_nodes(...).best()`` finds,
+    without deciding every node.
 
     Nodes of one shape with one free GPU mask get the same GPU set and rank but for the name,
     so this ranks the snapshot's free classes (a few hundred at most) and looks at nodes only to
@@ -267,10 +272,12 @@ def best_placement(
         ranked = _class_rank(shape, free, request.gpus, request.mode, request.tier, mix)
         if ranked is None or (best is not None and ranked[0] > best[0][:5]):
             continue
-        name = _first_with_room(snapshot, names, request, blocked)
+        name = _first_with_room(snapshot, names, request, blocked, allowed)
         if name is not None and (best is None or (*ranked[0], name) < best[0]):
             best = ((*ranked[0], name), shape, free, ranked[1])
     for name in blocked:
+        if allowed is not None and name not in allowed:
+            continue
         state = snapshot.nodes[name]
         shape = state.info.shape
         free = snapshot.free_gpus(name, request.uid)
@@ -300,10 +307,16 @@ def _class_rank(
 
 
 def _first_with_room(
-    snapshot: ClusterSnapshot, names: list[str], request: PodRequest, skip: Mapping[str, object]
+    snapshot: ClusterSnapshot,
+    names: list[str],
+    request: PodRequest,
+    skip: Mapping[str, object],
+    allowed: Container[str] | None = None,
 ) -> str | None:
     for name in names:
-        if name not in skip and _has_room(snapshot.nodes[name], request):
+        if name in skip or (allowed is not None and name not in allowed):
+            continue
+        if _has_room(snapshot.nodes[name], request):
             return name
     return None
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
+import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -250,6 +252,7 @@ def render(
     for name, result in results.items():
         lines += _scenario_section(name, result, note)
     lines += _targets_section(by_seed)
+    lines += _over_seeds_section(by_seed)
     lines += _sweep_section(sweep)
     lines += _optimality_section(gaps)
     lines += _losses_section(by_seed)
@@ -366,7 +369,8 @@ def _targets_section(by_seed: dict[str, dict[int, dict[str, dict[str, Any]]]]) -
         "",
         "Ours against the best baseline on each run: online served, goodput, work done and "
         "allocation at least as high, lost work at most as high, best-effort affinity hits at "
-        "least B2's, guaranteed hits 1.0. A ✗ marks a target ours misses on that run.",
+        "least B2's, guaranteed hits 1.0. A ✗ marks a target ours misses on that run; "
+        "whether a miss is more than chance is the next section's question.",
         "",
         "| scenario | seed | policy | " + " | ".join(keys) + " |",
         "|---|---|---|" + "---|" * len(keys),
@@ -386,23 +390,144 @@ def _targets_section(by_seed: dict[str, dict[int, dict[str, dict[str, Any]]]]) -
         "",
         "Targets missed: " + ("; ".join(misses) if misses else "none") + ".",
         "",
-        *(
-            [
-                "The misses on modelled served load on nvswitch-control (NVSwitch nodes only): "
-                "every GPU set there achieves nvlink (docs/tiers.md), so served equals bound, "
-                "and the gap is "
-                "replicas unbound through their victims' grace period when ours preempted "
-                "more often (the counts above).",
-                "",
-            ]
-            if any(m.startswith("nvswitch-control") and "M7_online" in m for m in misses)
-            else []
-        ),
+        *_served_equals_bound(by_seed, misses),
         "Victims per preemption (M4) "
         "is a stated trade: the planner takes more, younger victims to lose less work (M5).",
         "",
     ]
     return lines
+
+
+def _served_equals_bound(
+    by_seed: dict[str, dict[int, dict[str, dict[str, Any]]]], misses: list[str]
+) -> list[str]:
+    """Where ours misses modelled served load on a scenario whose every placement achieves the
+    top tier (served equals bound for every policy and seed), the gap is replicas unbound."""
+    names = [
+        name
+        for name, seeds in by_seed.items()
+        if any(m.startswith(f"{name} ") and "M7_online" in m for m in misses)
+        and all(
+            abs(v["M7_online_served_fraction"] - v["M7_online_bound_fraction"]) < 1e-9
+            for summaries in seeds.values()
+            for v in summaries.values()
+        )
+    ]
+    if not names:
+        return []
+    return [
+        f"The misses on modelled served load on {', '.join(names)}: every placement there "
+        "achieves the top tier (served equals bound for every policy and seed), so the gap is "
+        "replicas unbound, through their victims' grace period when ours preempted more often "
+        "(the counts above).",
+        "",
+    ]
+
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (1.96 beyond the table).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120,
+        17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042}  # fmt: skip
+
+
+def _t95(dof: int) -> float:
+    known = [d for d in _T95 if d <= dof]
+    return _T95[max(known)] if dof <= 30 else 1.96
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedComparison:
+    """Ours against one baseline on one metric over the seeds: the paired differences (ours
+    minus theirs, signed so that positive is better for ours), their mean, its 95% interval."""
+
+    baseline: str
+    seeds: int
+    ours_mean: float
+    theirs_mean: float
+    mean: float
+    half_width: float
+    wins: int  # seeds where ours is at least as good
+
+    @property
+    def verdict(self) -> str:
+        if self.seeds < 2:
+            return "one seed"
+        if self.mean - self.half_width > 0:
+            return "ahead"
+        if self.mean + self.half_width < 0:
+            return "behind"
+        return "within seed noise"
+
+
+def compare_over_seeds(
+    runs: dict[int, dict[str, dict[str, Any]]], key: str
+) -> SeedComparison | None:
+    """Ours against the baseline with the best mean on ``key`` over the seeds of one scenario,
+    paired by seed (every policy of a seed replays the same event stream)."""
+    higher = key not in TARGETS_LOWER
+    seeds = [s for s, v in runs.items() if v.get(OURS, {}).get(key) is not None]
+    baselines = {p for s in seeds for p in runs[s] if p != OURS}
+    usable = [p for p in sorted(baselines) if all(runs[s].get(p, {}).get(key) is not None
+                                                  for s in seeds)]  # fmt: skip
+    if not seeds or not usable:
+        return None
+
+    def mean_of(policy: str) -> float:
+        return statistics.fmean(runs[s][policy][key] for s in seeds)
+
+    best = (max if higher else min)(usable, key=mean_of)
+    sign = 1.0 if higher else -1.0
+    diffs = [sign * (runs[s][OURS][key] - runs[s][best][key]) for s in seeds]
+    spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    half = _t95(len(diffs) - 1) * spread / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    return SeedComparison(
+        baseline=best,
+        seeds=len(seeds),
+        ours_mean=mean_of(OURS),
+        theirs_mean=mean_of(best),
+        mean=statistics.fmean(diffs),
+        half_width=half,
+        wins=sum(d >= 0 for d in diffs),
+    )
+
+
+def _over_seeds_section(by_seed: dict[str, dict[int, dict[str, dict[str, Any]]]]) -> list[str]:
+    """The targets over seeds: one run's win or loss can be chance (a replay is chaotic: one
+    different placement early changes which nodes empty later), the mean paired difference
+    and its interval say whether it is."""
+    if max((len(runs) for runs in by_seed.values()), default=0) < 2:
+        return []
+    lines = [
+        "## Targets over seeds",
+        "",
+        "Per scenario and target metric: ours against the baseline with the best mean over the "
+        "seeds, paired by seed (every policy of a seed replays the same event stream). "
+        "*difference*: the mean of ours minus theirs (for lost work, theirs minus ours: "
+        "positive is better for ours) with its 95% interval (Student's t); *ahead* or "
+        "*behind* when the interval excludes 0, *within seed noise* when it does not.",
+        "",
+        "| scenario | metric | seeds | ours (mean) | best baseline (mean) | difference | "
+        "ours at least as good | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    noise: dict[str, list[str]] = {}
+    for name, runs in by_seed.items():
+        for key in (*TARGETS_HIGHER, *TARGETS_LOWER):
+            c = compare_over_seeds(runs, key)
+            if c is None:
+                continue
+            relative = f" ({c.mean / abs(c.theirs_mean):+.2%})" if c.theirs_mean else ""
+            lines.append(
+                f"| {name} | {key} | {c.seeds} | {_fine(c.ours_mean)} | {c.baseline} "
+                f"{_fine(c.theirs_mean)} | {_fine(c.mean)} ± {_fine(c.half_width)}{relative} | "
+                f"{c.wins} of {c.seeds} | {c.verdict} |"
+            )
+            if c.verdict != "ahead":
+                noise.setdefault(name, []).append(f"{key} ({c.verdict})")
+    lines.append("")
+    for name, keys in noise.items():
+        lines.append(f"- {name}: not ahead on {', '.join(keys)}.")
+    return [*lines, ""] if noise else lines
 
 
 def _missed_targets(summaries: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -459,23 +584,19 @@ def _fine(value: object) -> str:
 
 
 def _losses_section(by_seed: dict[str, dict[int, dict[str, dict[str, Any]]]]) -> list[str]:
+    """Each scenario x metric where ours is more than 1% behind the best policy on some seed,
+    with how many seeds and the ranges of both."""
     lines = ["## Where ours does not win", ""]
     for name, seeds in by_seed.items():
-        for seed, s in seeds.items():
-            where = name if len(seeds) == 1 else f"{name} seed {seed}"
-            for key in HIGHER_IS_BETTER + LOWER_IS_BETTER:
-                higher = key in HIGHER_IS_BETTER
-                values = {p: v[key] for p, v in s.items() if v.get(key) is not None}
-                if OURS not in values or len(values) < 2:
-                    continue
-                best_policy = (max if higher else min)(values, key=lambda p: values[p])
-                ours, best = values[OURS], values[best_policy]
-                worse = ours < best if higher else ours > best
-                if best_policy != OURS and worse and abs(ours - best) > 0.01 * max(abs(best), 1e-9):
-                    lines.append(
-                        f"- {where}: **{key}** — ours {_cell(ours)}, best {best_policy} "
-                        f"{_cell(best)}."
-                    )
+        for key in HIGHER_IS_BETTER + LOWER_IS_BETTER:
+            behind = [loss for s in seeds.values() if (loss := _behind(s, key)) is not None]
+            if not behind:
+                continue
+            ours = _span([b[0] for b in behind])
+            best = _span([b[2] for b in behind])
+            policies = ", ".join(sorted({b[1] for b in behind}))
+            count = f" on {len(behind)} of {len(seeds)} seeds" if len(seeds) > 1 else ""
+            lines.append(f"- {name}: **{key}**{count} — ours {ours}, best {policies} {best}.")
     lines += [
         "",
         "Differences under 1% are not listed here; the targets table above compares exactly. "
@@ -490,10 +611,30 @@ def _losses_section(by_seed: dict[str, dict[int, dict[str, dict[str, Any]]]]) ->
     return lines
 
 
+def _behind(summaries: dict[str, dict[str, Any]], key: str) -> tuple[float, str, float] | None:
+    """(ours, best policy, its value) when ours is more than 1% behind on ``key``, else None."""
+    higher = key in HIGHER_IS_BETTER
+    values = {p: v[key] for p, v in summaries.items() if v.get(key) is not None}
+    if OURS not in values or len(values) < 2:
+        return None
+    best_policy = (max if higher else min)(values, key=lambda p: values[p])
+    ours, best = values[OURS], values[best_policy]
+    worse = ours < best if higher else ours > best
+    if best_policy == OURS or not worse or abs(ours - best) <= 0.01 * max(abs(best), 1e-9):
+        return None
+    return ours, best_policy, best
+
+
+def _span(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return _cell(low) if _cell(low) == _cell(high) else f"{_cell(low)} to {_cell(high)}"
+
+
 _MODEL_STATEMENT = (
     f"a Llama-2-70B-shaped model (hidden {_MODEL.hidden}, MLP {_MODEL.intermediate}, "
     f"{_MODEL.layers} layers, grouped-query KV of {_MODEL.kv_dim}) at TP {_MODEL.tp} in BF16 on "
-    f"A100-class GPUs ({_MODEL.flops / 1e12:.0f} TFLOP/s effective: 312 peak at 50%), one "
+    f"A100-class GPUs ({_MODEL.flops / 1e12:.0f} TFLOP/s effective: "
+    f"{_MODEL.peak_flops / 1e12:.0f} peak at {_MODEL.efficiency:.0%}), one "
     f"serial step of {_MODEL.tokens} tokens (the worker engine's max_batched_tokens) through "
     "the worker's per-layer cost model (tidal.inference_worker.iso_split: attention + MLP + two "
     "ring all-reduces of latency + 2(n-1)/n x tokens x hidden x 2 bytes / bandwidth), at the "
@@ -502,7 +643,7 @@ _MODEL_STATEMENT = (
     + " (NVLink: the HGX A100's NV12; numa: across host bridges; socket and node: SYS), "
     "latency "
     + ", ".join(f"{tier} {lat * 1e6:g} µs" for tier, lat in _MODEL.latency)
-    + ". The factor is the NVLink step time over the tier's (tidal.simulator.metrics."
+    + ". The factor is the NVLink step time over the tier's (tidal.simulator.throughput."
     "ThroughputModel)."
 )
 

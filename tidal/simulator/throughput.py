@@ -17,9 +17,10 @@ class ThroughputModel:
     worker's per-layer cost model (:mod:`tidal.inference_worker.iso_split`): one decoder layer
     costs attention + MLP + two all-reduces, an all-reduce ``latency + 2(n-1)/n · T · h · 2
     bytes / bandwidth`` (ring, BF16 activations of T tokens). Compute is the layer's matmul
-    FLOPs split over the ranks at ``flops`` per second. The factor of a tier is the NVLink step
-    time over the tier's (``iso``: with the worker's ISO split, which hides part of the
-    all-reduce behind the other chunk's compute, as its engine does for long prompts).
+    FLOPs split over the ranks at ``peak_flops x efficiency`` per second (:attr:`flops`). The
+    factor of a tier is the NVLink step time over the tier's (``iso``: with the worker's ISO
+    split, which hides part of the all-reduce behind the other chunk's compute, as its engine
+    does for long prompts).
 
     Defaults: a Llama-2-70B-shaped model (hidden 8192, MLP 28672, 80 layers, 8 KV heads of
     128) at TP 4 on A100-class GPUs (312 TFLOP/s BF16 peak at 50%), a step of 512 tokens (the
@@ -33,7 +34,8 @@ class ThroughputModel:
     layers: int = 80
     kv_dim: int = 8 * 128
     tp: int = 4
-    flops: float = 312e12 * 0.5
+    peak_flops: float = 312e12  # A100 BF16 dense
+    efficiency: float = 0.5  # of the peak the layer's matmuls reach
     tokens: int = 512
     iso: bool = False
     bandwidth: tuple[tuple[str, float], ...] = (
@@ -50,6 +52,11 @@ class ThroughputModel:
         ("socket", 25e-6),
         ("node", 25e-6),
     )
+
+    @property
+    def flops(self) -> float:
+        """Effective matmul FLOP/s per GPU."""
+        return self.peak_flops * self.efficiency
 
     def costs(self, tier: str) -> OpCosts:
         h, tp = self.hidden, self.tp

@@ -147,12 +147,10 @@ def test_over_seeds_pairs_by_seed_against_the_best_baseline_by_mean() -> None:
     assert lost.baseline == "b2-subsets" and lost.mean == 3.25 and lost.verdict == "ahead"
 
 
-def test_a_difference_that_changes_sign_between_seeds_is_noise_and_a_steady_loss_is_behind() -> (
-    None
-):
+def test_a_difference_changing_sign_is_noise_and_a_steady_loss_is_behind() -> None:
     noisy = _runs(
         goodput={"tidal": [100, 90, 110], "b0-default": [102, 88, 109]},
-        lost={"tidal": [5, 5, 5], "b0-default": [4, 4.5, 4.8]},
+        lost={"tidal": [5, 5, 5], "b0-default": [4, 4.2, 4.1]},
     )
     goodput = compare_over_seeds(noisy, "M8_goodput_gpu_hours")
     assert goodput is not None and goodput.verdict == "within seed noise" and goodput.wins == 2

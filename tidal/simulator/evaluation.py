@@ -519,7 +519,7 @@ def _over_seeds_section(by_seed: dict[str, dict[int, dict[str, dict[str, Any]]]]
             relative = f" ({c.mean / abs(c.theirs_mean):+.2%})" if c.theirs_mean else ""
             lines.append(
                 f"| {name} | {key} | {c.seeds} | {_fine(c.ours_mean)} | {c.baseline} "
-                f"{_fine(c.theirs_mean)} | {_fine(c.mean)} ± {_fine(c.half_width)}{relative} | "
+                f"{_fine(c.theirs_mean)} | {_plus_minus(c.mean, c.half_width)}{relative} | "
                 f"{c.wins} of {c.seeds} | {c.verdict} |"
             )
             if c.verdict != "ahead":
@@ -581,6 +581,12 @@ def _fine(value: object) -> str:
     if isinstance(value, float) and abs(value) < 10:
         return f"{value:.4f}"
     return _cell(value)
+
+
+def _plus_minus(mean: float, half: float) -> str:
+    """``mean ± half`` to two significant digits of the interval's half width."""
+    decimals = 4 if half <= 0 else max(0, 1 - math.floor(math.log10(half)))
+    return f"{mean:,.{decimals}f} ± {half:,.{decimals}f}"
 
 
 def _losses_section(by_seed: dict[str, dict[int, dict[str, dict[str, Any]]]]) -> list[str]:

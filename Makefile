@@ -23,8 +23,8 @@ demo: setup
 	$(BIN)/tidal plan examples/plan-two-cliques.yaml
 
 # The evaluation report (docs/evaluation.md and docs/evaluation/): every bundled scenario, every
-# policy, a full simulated day each, over three seeds (about 20 min measured on a loaded 2-core
-# machine; one seed, `tidal evaluate --out docs`, takes about a third of that).
+# policy, a full simulated day each, over seeds 1 to 10 (32 min measured on the 2-core machine,
+# most of it the openb day; one seed, `tidal evaluate --out docs`, takes about a tenth of that).
 report: setup
 	$(BIN)/tidal evaluate --seeds 10 --out docs
 

@@ -1,14 +1,15 @@
 """Placement without preemption: which nodes fit, which GPU set, and how good it is.
 
-Nodes are ranked by (:func:`_rank_of`): the topology shortfall; the demand-weighted
+Nodes are ranked by (:attr:`Placement.class_rank`): the topology shortfall; the demand-weighted
 fragmentation the placement adds (:mod:`tidal.placement.demand`, FGD-style, when the caller
 passes a demand mix); bin packing (fewer GPUs left free on the node); the intact aligned
 capacity it breaks (the sum of |d|² over the tier domains kept whole); link quality. Inside a
 node, the GPU set is the one that satisfies the request and keeps the most intact capacity.
 
-Measured on the openb day (docs/evaluation.md): ranking intact capacity before bin packing
-left nodes one GPU short of empty taking 1-GPU pods, so whole-node batch jobs waited; bin
-packing before it, and demand-weighted fragmentation before both, serve more batch work.
+Measured on the openb day: ranking intact capacity before bin packing left nodes one GPU
+short of empty taking 1-GPU pods, so whole-node batch jobs waited; bin packing before it serves
+more batch work (docs/evaluation.md). The demand term before both gained 426 and 566 GPU-hours of
+goodput on seeds 2 and 3 and lost 254 on seed 7 against bin packing without it.
 """
 
 from __future__ import annotations
@@ -43,19 +44,21 @@ class Placement(NamedTuple):
     frag_delta: float = 0.0  # demand-weighted fragmentation it adds (demand.py; lower is better)
 
     @property
+    def class_rank(self) -> Rank:
+        """Lower is better: topology shortfall first, then the demand-weighted fragmentation
+        the placement adds (demand.py; 0 without a demand mix), then bin packing (fewer GPUs
+        left free on the node), then the intact aligned capacity it breaks, then link quality.
+        Nodes of one (shape, free GPUs) class share it."""
+        return (self.shortfall, round(self.frag_delta, 9), self.free_left, self.capacity_lost,
+                -self.quality)  # fmt: skip
+
+    @property
     def rank(self) -> tuple[float, float, float, float, int, str]:
-        return (*_rank_of(self.shortfall, self.frag_delta, self.free_left, self.capacity_lost,
-                          self.quality), self.node)  # fmt: skip
+        """:attr:`class_rank`, then the node's name."""
+        return (*self.class_rank, self.node)
 
 
 Rank = tuple[float, float, float, float, int]
-
-
-def _rank_of(short: int, delta: float, free_left: int, lost: int, quality: int) -> Rank:
-    """Lower is better: topology shortfall first, then the demand-weighted fragmentation the
-    placement adds (demand.py; 0 without a demand mix), then bin packing (fewer GPUs left free
-    on the node), then the intact aligned capacity it breaks, then link quality."""
-    return (short, round(delta, 9), free_left, lost, -quality)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,13 +104,7 @@ class FilterResult:
         ranks: dict[int, Rank] = {}
         for placement in self.feasible.values():
             if id(placement) not in ranks:
-                ranks[id(placement)] = _rank_of(
-                    placement.shortfall,
-                    placement.frag_delta,
-                    placement.free_left,
-                    placement.capacity_lost,
-                    placement.quality,
-                )
+                ranks[id(placement)] = placement.class_rank
         return ranks
 
 
@@ -201,30 +198,26 @@ def _no_room(
 
 
 def _placement(shape: NodeShape, free: int, request: PodRequest, mix: DemandMix) -> Placement:
-    return _shared_placement(shape, free, request.gpus, request.mode, request.tier, mix)
+    found = _class_placement(shape, free, request.gpus, request.mode, request.tier, mix)
+    if found is None:  # unreachable when the has-aligned table said yes; kept for safety
+        raise AssertionError(f"no {request.gpus}-GPU set in free mask {free:#x}")
+    return found[1]
 
 
 @lru_cache(maxsize=1 << 16)
-def _shared_placement(
-    shape: NodeShape, free: int, size: int, mode: TopologyMode, tier: Tier, mix: DemandMix
-) -> Placement:
-    """The placement (``node`` empty) a request class gets in a free mask of a shape. Memoised
-    across calls: between two filter calls only the nodes a bind or a deletion touched change
-    class, so most classes of the next call were decided already (filter at 1,000 nodes: the
-    GPU choice and its fragmentation were two thirds of its time)."""
+def _class_placement(
+    shape: NodeShape, free: int, size: int, mode: TopologyMode, tier: Tier, mix: DemandMix = ()
+) -> tuple[Rank, Placement] | None:
+    """The placement (``node`` empty) a request class gets in a free mask of a shape, with its
+    :attr:`~Placement.class_rank`, or None. Memoised across calls: between two filter calls
+    only the nodes a bind or a deletion touched change class, so most classes of the next call
+    were decided already (filter at 1,000 nodes: the GPU choice and its fragmentation were two
+    thirds of its time)."""
     gpus = choose_gpus(shape, free, size, mode, tier)
-    if gpus is None:  # unreachable when the has-aligned table said yes; kept for safety
-        raise AssertionError(f"no {size}-GPU set in free mask {free:#x}")
-    return Placement(
-        node="",
-        gpus=gpus,
-        tier=shape.tier_of(gpus),
-        shortfall=0 if mode is TopologyMode.NONE else shape.shortfall(gpus, tier),
-        capacity_lost=shape.tier_intact_value(free) - shape.tier_intact_value(free & ~gpus),
-        quality=shape.quality[gpus],
-        free_left=(free & ~gpus).bit_count(),
-        frag_delta=fragmentation_delta(shape, free, gpus, mix) if mix else 0.0,
-    )
+    if gpus is None:
+        return None
+    placement = _placement_on("", shape, free, gpus, mode, tier, mix)
+    return placement.class_rank, placement
 
 
 def _shape_facts(
@@ -267,43 +260,30 @@ def best_placement(
     find the first one by name with CPU and memory to spare. Nodes with reserved GPUs differ by
     who asks and are ranked one by one."""
     blocked = snapshot.blocked_nodes()
-    best: tuple[tuple[float, float, float, float, int, str], NodeShape, int, int] | None = None
+    best: tuple[tuple[float, float, float, float, int, str], Placement] | None = None
     for (shape, free), names in snapshot.free_classes().items():
-        ranked = _class_rank(shape, free, request.gpus, request.mode, request.tier, mix)
-        if ranked is None or (best is not None and ranked[0] > best[0][:5]):
+        found = _class_placement(shape, free, request.gpus, request.mode, request.tier, mix)
+        if found is None or (best is not None and found[0] > best[0][:5]):
             continue
         name = _first_with_room(snapshot, names, request, blocked, allowed)
-        if name is not None and (best is None or (*ranked[0], name) < best[0]):
-            best = ((*ranked[0], name), shape, free, ranked[1])
+        if name is not None and (best is None or (*found[0], name) < best[0]):
+            best = ((*found[0], name), found[1])
     for name in blocked:
         if allowed is not None and name not in allowed:
             continue
         state = snapshot.nodes[name]
-        shape = state.info.shape
         free = snapshot.free_gpus(name, request.uid)
-        ranked = _class_rank(shape, free, request.gpus, request.mode, request.tier, mix)
-        if ranked is None or not _has_room(state, request):
+        found = _class_placement(
+            state.info.shape, free, request.gpus, request.mode, request.tier, mix
+        )
+        if found is None or not _has_room(state, request):
             continue
-        if best is None or (*ranked[0], name) < best[0]:
-            best = ((*ranked[0], name), shape, free, ranked[1])
+        if best is None or (*found[0], name) < best[0]:
+            best = ((*found[0], name), found[1])
     if best is None:
         return None
-    rank, shape, free, gpus = best
-    return placement_of(str(rank[-1]), shape, free, gpus, request, mix)
-
-
-@lru_cache(maxsize=1 << 16)
-def _class_rank(
-    shape: NodeShape, free: int, size: int, mode: TopologyMode, tier: Tier, mix: DemandMix = ()
-) -> tuple[Rank, int] | None:
-    """(rank without the node name, GPU set) of the best placement in ``free``, or None."""
-    gpus = choose_gpus(shape, free, size, mode, tier)
-    if gpus is None:
-        return None
-    short = 0 if mode is TopologyMode.NONE else shape.shortfall(gpus, tier)
-    lost = shape.tier_intact_value(free) - shape.tier_intact_value(free & ~gpus)
-    delta = fragmentation_delta(shape, free, gpus, mix) if mix else 0.0
-    return _rank_of(short, delta, (free & ~gpus).bit_count(), lost, shape.quality[gpus]), gpus
+    rank, placement = best
+    return placement._replace(node=rank[-1])
 
 
 def _first_with_room(
@@ -366,11 +346,23 @@ def static_rejection(state: NodeState, request: PodRequest) -> Rejection | None:
 def placement_of(
     node: str, shape: NodeShape, free: int, gpus: int, request: PodRequest, mix: DemandMix = ()
 ) -> Placement:
+    return _placement_on(node, shape, free, gpus, request.mode, request.tier, mix)
+
+
+def _placement_on(
+    node: str,
+    shape: NodeShape,
+    free: int,
+    gpus: int,
+    mode: TopologyMode,
+    tier: Tier,
+    mix: DemandMix,
+) -> Placement:
     return Placement(
         node=node,
         gpus=gpus,
         tier=shape.tier_of(gpus),
-        shortfall=0 if request.mode is TopologyMode.NONE else shape.shortfall(gpus, request.tier),
+        shortfall=0 if mode is TopologyMode.NONE else shape.shortfall(gpus, tier),
         capacity_lost=shape.tier_intact_value(free) - shape.tier_intact_value(free & ~gpus),
         quality=shape.quality[gpus],
         free_left=(free & ~gpus).bit_count(),

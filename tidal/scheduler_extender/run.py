@@ -178,8 +178,9 @@ def serve(options: ServeOptions) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=options.log_level.upper(), handlers=[handler])
     # filter answers on the event loop while binds and watches run in threads; a thread that
-    # wants the GIL waits up to the switch interval for it, 5 ms by default: as long as filter
-    # itself at 1,000 nodes, on the serial scheduling cycle.
+    # wants the GIL waits up to the switch interval for it, 5 ms by default, several times
+    # filter's own time at 1,000 nodes, on the serial scheduling cycle. (Its effect on pods/s
+    # alone was within run-to-run noise: bench/RESULTS.md.)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     # Actions run on the server's worker threads (anyio's 40): a pool smaller than that makes
     # urllib3 open and drop a TLS connection per bind, which profiling showed cost a quarter of
